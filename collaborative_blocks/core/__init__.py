@@ -1,0 +1,2 @@
+"""The runtime and what the components share: clock, randomness, settings, plugins,
+aggregates and state machines."""

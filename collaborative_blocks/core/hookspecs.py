@@ -1,0 +1,109 @@
+"""Every extension point of Collaborative Blocks, in one module.
+
+A plugin is a module (or object) with functions named like the specs below, marked with
+``@collaborative_blocks.hookimpl``. Built-in plugins (``collaborative_blocks.plugins.*``) are
+registered exactly like yours. External plugins are found through the entry-point group
+``collaborative_blocks`` or named explicitly (``cblocks -p my_module ...``,
+``Runtime(plugins=["my_module"])``).
+
+Hooks are synchronous: they construct or register objects, and those objects have the async
+methods. Each ``cb_*_factories``-style hook returns a list (possibly empty); the runtime
+gathers the lists of every plugin. No hook returns an awaitable. See docs/writing-plugins.md
+for one worked example per hook.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from collaborative_blocks.core.extensions import (
+        ConflictResolver,
+        HealingStrategy,
+        Router,
+        SecurityPolicy,
+        StoreFactory,
+        TransportFactory,
+    )
+    from collaborative_blocks.core.runtime import Runtime
+
+PROJECT_NAME = "collaborative_blocks"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+
+# -- storage ----------------------------------------------------------------------------------
+
+
+@hookspec
+def cb_store_factories() -> Sequence[StoreFactory]:
+    """Event stores this plugin provides, each for one or more URL schemes.
+
+    Fires when a runtime (or ``open_store``) resolves a store URL such as
+    ``EVENT_STORE_URL``. Return a list of objects with a ``schemes`` tuple (e.g.
+    ``("sqlite+aiosqlite",)``) and ``async open(url, *, clock)`` returning an
+    :class:`~collaborative_blocks.stores.EventStore`. Two plugins claiming the same scheme is
+    an error naming both.
+    """
+    raise NotImplementedError
+
+
+# -- messaging --------------------------------------------------------------------------------
+
+
+@hookspec
+def cb_transport_factories() -> Sequence[TransportFactory]:
+    """Message transports this plugin provides, each for one or more URL schemes.
+
+    Fires when a broker resolves ``MESSAGE_BROKER_URL``. Return a list of objects with a
+    ``schemes`` tuple, the ``guarantees`` they can give, and ``async open(url, *, runtime)``.
+    """
+    raise NotImplementedError
+
+
+# -- synchronisation --------------------------------------------------------------------------
+
+
+@hookspec
+def cb_conflict_resolvers() -> Sequence[ConflictResolver]:
+    """Conflict resolvers this plugin provides, each with a unique ``name``.
+
+    Fires when a sync engine starts and builds its resolver table; users pick a resolver per
+    key pattern by name (``last_write_wins``, ``vector_clock``, ...).
+    """
+    raise NotImplementedError
+
+
+# -- architecture -----------------------------------------------------------------------------
+
+
+@hookspec
+def cb_ai_routers() -> Sequence[Router]:
+    """Request routers for the AI orchestration engine, each with a unique ``name``."""
+    raise NotImplementedError
+
+
+@hookspec
+def cb_healing_strategies() -> Sequence[HealingStrategy]:
+    """Self-healing strategies, each with a unique ``name`` and the anomalies it handles."""
+    raise NotImplementedError
+
+
+@hookspec
+def cb_security_policies() -> Sequence[SecurityPolicy]:
+    """Zero-trust policies; every request is checked by all of them, in registration order."""
+    raise NotImplementedError
+
+
+# -- notifications ----------------------------------------------------------------------------
+
+
+@hookspec
+def cb_runtime_started(runtime: Runtime) -> None:
+    """Fires once a runtime has opened its store; for plugins that keep a reference to it.
+
+    Return nothing. Do no blocking work here: start tasks from the objects you return
+    elsewhere instead.
+    """

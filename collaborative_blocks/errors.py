@@ -1,0 +1,130 @@
+"""Every error the framework raises on purpose.
+
+Each error names what was wrong and says what to do about it. All of them derive from
+:class:`CollaborativeBlocksError`, so an application can catch the whole family at once.
+Store errors also derive from the matching ``eventsourcing.persistence`` error class where
+one exists, so code written against eventsourcing keeps catching what it expects.
+"""
+
+from __future__ import annotations
+
+from eventsourcing.persistence import IntegrityError as _ESIntegrityError
+from eventsourcing.persistence import OperationalError as _ESOperationalError
+from eventsourcing.persistence import PersistenceError as _ESPersistenceError
+
+
+class CollaborativeBlocksError(Exception):
+    """Base class of every error raised by Collaborative Blocks."""
+
+
+class ConfigurationError(CollaborativeBlocksError, ValueError):
+    """A setting or a URL is not valid; the message names it and the accepted values."""
+
+
+class UnknownSchemeError(ConfigurationError):
+    """No installed plugin provides the URL scheme that was asked for."""
+
+    def __init__(self, kind: str, url: str, known: list[str], setting: str | None = None) -> None:
+        self.kind = kind
+        self.url = url
+        self.known = sorted(known)
+        where = f" (from {setting})" if setting else ""
+        scheme = url.split("://", 1)[0] if "://" in url else url
+        super().__init__(
+            f"unknown {kind} URL scheme {scheme!r} in {_redact(url)!r}{where}; "
+            f"installed schemes: {', '.join(self.known) or 'none'}. "
+            f"Use one of those, or install a plugin that provides {scheme!r}."
+        )
+
+
+class PluginError(CollaborativeBlocksError):
+    """A plugin could not be loaded or returned something the hook does not allow."""
+
+
+class StoreError(CollaborativeBlocksError, _ESPersistenceError):
+    """Base class of event store errors."""
+
+
+class ConcurrencyError(StoreError, _ESIntegrityError):
+    """An append's ``expected_version`` did not match the stream; nothing was written."""
+
+    def __init__(self, stream: str, expected: int, actual: int) -> None:
+        self.stream = stream
+        self.expected = expected
+        self.actual = actual
+        super().__init__(
+            f"stream {stream!r} is at version {actual}, not the expected {expected}; "
+            "nothing was written. Reload the stream, re-apply the command and append again."
+        )
+
+
+class TrackingConflictError(StoreError, _ESIntegrityError):
+    """A consumer position was not greater than the one already recorded; nothing written."""
+
+    def __init__(self, consumer: str, position: int, recorded: int) -> None:
+        self.consumer = consumer
+        self.position = position
+        self.recorded = recorded
+        super().__init__(
+            f"consumer {consumer!r} already recorded position {recorded}; position {position} "
+            "must be greater. The notification was processed before: skip it."
+        )
+
+
+class DuplicateMessageError(StoreError, _ESIntegrityError):
+    """The consumer's inbox already holds this message id: its effect happened once already."""
+
+    def __init__(self, consumer: str, message_id: str) -> None:
+        self.consumer = consumer
+        self.message_id = message_id
+        super().__init__(
+            f"consumer {consumer!r} already processed message {message_id!r}; nothing was "
+            "written. Acknowledge the duplicate without repeating its effect."
+        )
+
+
+class EventSerializationError(StoreError, TypeError):
+    """An event could not be stored as given (state not bytes, empty topic, bad stream id)."""
+
+
+class CorruptRecordError(StoreError):
+    """A row read back from the store does not have the shape of a stored event."""
+
+
+class StoreUnavailableError(StoreError, _ESOperationalError):
+    """The database could not be reached or stopped answering; the message says which."""
+
+
+class StoreClosedError(StoreError):
+    """The store was closed; open a new one."""
+
+
+class IllegalTransitionError(CollaborativeBlocksError):
+    """A state machine was asked for a transition its lifecycle does not allow.
+
+    Nothing is persisted when this is raised.
+    """
+
+    def __init__(self, machine: str, trigger: str, state: str, allowed: list[str]) -> None:
+        self.machine = machine
+        self.trigger = trigger
+        self.state = state
+        self.allowed = allowed
+        super().__init__(
+            f"{machine}: cannot {trigger!r} in state {state!r}; allowed here: "
+            f"{', '.join(allowed) or 'nothing (final state)'}. Nothing was persisted."
+        )
+
+
+class AggregateNotFoundError(CollaborativeBlocksError, LookupError):
+    """No events are stored for the aggregate id that was asked for."""
+
+
+def _redact(url: str) -> str:
+    """Hide a password in a URL before it goes into an error message."""
+    if "://" not in url or "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in creds else url
