@@ -29,6 +29,7 @@ __all__ = [
     "StreamInfo",
     "Tracking",
     "validate_append",
+    "validate_request",
 ]
 
 MAX_STREAM_ID_LENGTH = 255
@@ -100,11 +101,18 @@ class Tracking:
 
 @dataclass(frozen=True, slots=True)
 class AppendRequest:
-    """One stream's part of an atomic multi-stream append."""
+    """One stream's part of an atomic multi-stream append.
+
+    Normally the events get versions ``current + 1, current + 2, ...``. ``first_version``
+    numbers them explicitly instead (``first_version, first_version + 1, ...``; eventsourcing
+    aggregates may start at 0) and requires the stream to be below it: appending at or under
+    an existing version is a :class:`~collaborative_blocks.errors.ConcurrencyError`.
+    """
 
     stream: str
     events: Sequence[NewEvent]
     expected_version: int | None = None
+    first_version: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +140,20 @@ class StoreStats:
     max_position: int
     topics: dict[str, int] = field(default_factory=dict)
     consumers: dict[str, int | None] = field(default_factory=dict)
+
+
+def validate_request(request: AppendRequest) -> None:
+    """:func:`validate_append` for an :class:`AppendRequest`, including ``first_version``."""
+    validate_append(request.stream, request.events, request.expected_version)
+    if request.first_version is not None:
+        if not isinstance(request.first_version, int) or request.first_version < 0:
+            raise EventSerializationError(
+                f"first_version must be an int >= 0 or None, got {request.first_version!r}"
+            )
+        if request.expected_version is not None:
+            raise EventSerializationError(
+                f"stream {request.stream!r}: give expected_version or first_version, not both"
+            )
 
 
 def validate_append(stream: str, events: Sequence[NewEvent], expected_version: int | None) -> None:
@@ -175,7 +197,9 @@ def validate_append(stream: str, events: Sequence[NewEvent], expected_version: i
 class EventStore(abc.ABC):
     """The async event store.
 
-    Positions start at 1 and increase in commit order; versions in a stream start at 1.
+    Positions start at 1 and increase in commit order; versions in a stream start at 1
+    (unless an append numbers them with ``first_version``). A stream's version is the
+    version of its last event, 0 when it has none.
     """
 
     #: Human-readable URL this store was opened with (password hidden).
@@ -218,7 +242,7 @@ class EventStore(abc.ABC):
         self,
         stream: str,
         *,
-        from_version: int = 1,
+        from_version: int = 0,
         to_version: int | None = None,
         limit: int | None = None,
         backwards: bool = False,

@@ -26,7 +26,7 @@ from collaborative_blocks.stores.base import (
     StoreStats,
     StreamInfo,
     Tracking,
-    validate_append,
+    validate_request,
 )
 
 
@@ -52,13 +52,18 @@ class MemoryEventStore(EventStore):
         # Validate everything before changing anything: all or nothing.
         planned: dict[str, int] = {}
         for request in requests:
-            validate_append(request.stream, request.events, request.expected_version)
+            validate_request(request)
             current = planned.get(request.stream)
             if current is None:
-                current = len(self._streams.get(request.stream, ()))
+                current = self._version(request.stream)
             if request.expected_version is not None and request.expected_version != current:
                 raise ConcurrencyError(request.stream, request.expected_version, current)
-            planned[request.stream] = current + len(request.events)
+            if request.first_version is not None:
+                if self._has_events(request.stream, planned) and request.first_version <= current:
+                    raise ConcurrencyError(request.stream, request.first_version - 1, current)
+                current = request.first_version - 1
+            if request.events:
+                planned[request.stream] = current + len(request.events)
         if tracking is not None:
             self._check_tracking(tracking)
             if tracking.position is not None:
@@ -67,16 +72,25 @@ class MemoryEventStore(EventStore):
                 self._inbox.setdefault(tracking.consumer, set()).add(tracking.message_id)
         results: list[list[int]] = []
         for request in requests:
-            stream_events = self._streams.setdefault(request.stream, [])
             positions: list[int] = []
+            if not request.events:
+                results.append(positions)
+                continue
+            stream_events = self._streams.setdefault(request.stream, [])
+            next_version = (
+                request.first_version
+                if request.first_version is not None
+                else (stream_events[-1].version + 1 if stream_events else 1)
+            )
             for event in request.events:
                 stored = StoredEvent(
                     stream=request.stream,
-                    version=len(stream_events) + 1,
+                    version=next_version,
                     position=len(self._log) + 1,
                     topic=event.topic,
                     state=bytes(event.state),
                 )
+                next_version += 1
                 self._log.append(stored)
                 stream_events.append(stored)
                 positions.append(stored.position)
@@ -84,6 +98,13 @@ class MemoryEventStore(EventStore):
         if any(results):
             self._signal.notify()
         return results
+
+    def _version(self, stream: str) -> int:
+        events = self._streams.get(stream)
+        return events[-1].version if events else 0
+
+    def _has_events(self, stream: str, planned: dict[str, int]) -> bool:
+        return stream in planned or bool(self._streams.get(stream))
 
     def _check_tracking(self, tracking: Tracking) -> None:
         if tracking.position is not None:
@@ -99,15 +120,19 @@ class MemoryEventStore(EventStore):
         self,
         stream: str,
         *,
-        from_version: int = 1,
+        from_version: int = 0,
         to_version: int | None = None,
         limit: int | None = None,
         backwards: bool = False,
     ) -> list[StoredEvent]:
         self._check_open()
         events = self._streams.get(stream, [])
-        start = max(from_version, 1) - 1
-        stop = len(events) if to_version is None else max(min(to_version, len(events)), 0)
+        start = bisect_left(events, from_version, key=lambda e: e.version)
+        stop = (
+            len(events)
+            if to_version is None
+            else bisect_left(events, to_version + 1, key=lambda e: e.version)
+        )
         selected = events[start:stop]
         if backwards:
             selected = selected[::-1]
@@ -140,7 +165,7 @@ class MemoryEventStore(EventStore):
 
     async def stream_version(self, stream: str) -> int:
         self._check_open()
-        return len(self._streams.get(stream, ()))
+        return self._version(stream)
 
     async def streams(self, *, prefix: str = "", limit: int = 100) -> list[StreamInfo]:
         self._check_open()
@@ -148,7 +173,7 @@ class MemoryEventStore(EventStore):
         return [
             StreamInfo(
                 name,
-                len(self._streams[name]),
+                self._version(name),
                 self._streams[name][0].position,
                 self._streams[name][-1].position,
             )
