@@ -30,9 +30,7 @@ hookimpl = pluggy.HookimplMarker(hookspecs.PROJECT_NAME)
 ENTRY_POINT_GROUP = "collaborative_blocks"
 
 #: Registered first, in this order, by every plugin manager (unless ``builtins=False``).
-BUILTIN_PLUGINS: tuple[str, ...] = (
-    "collaborative_blocks.plugins.stores",
-)
+BUILTIN_PLUGINS: tuple[str, ...] = ("collaborative_blocks.plugins.stores",)
 
 
 def make_plugin_manager(

@@ -41,8 +41,8 @@ class Runtime:
         self.settings = settings if settings is not None else load_settings()
         self.clock: Clock = clock if clock is not None else SystemClock()
         self.rng: random.Random = rng if rng is not None else new_random(seed)
-        self.plugins = plugin_manager if plugin_manager is not None else make_plugin_manager(
-            plugins
+        self.plugins = (
+            plugin_manager if plugin_manager is not None else make_plugin_manager(plugins)
         )
         self._store = store
         self._owns_store = store is None

@@ -34,22 +34,31 @@ class Settings(BaseSettings):
         "postgresql+asyncpg://USER@HOST/DB, memory://, or a scheme a plugin provides",
     )
     message_broker_url: str | None = Field(
-        None, description="a transport URL: memory://, redis://HOST:PORT, nats://HOST:PORT, "
-        "log+STORE_URL, or a scheme a plugin provides; unset = in-process"
+        None,
+        description="a transport URL: memory://, redis://HOST:PORT, nats://HOST:PORT, "
+        "log+STORE_URL, or a scheme a plugin provides; unset = in-process",
     )
-    message_ttl_seconds: int = Field(3600, gt=0, description="an integer > 0: default time-to-live of messages in seconds")
-    max_retry_attempts: int = Field(3, ge=0, description="an integer >= 0: redeliveries before a message is dead-lettered")
+    message_ttl_seconds: int = Field(
+        3600, gt=0, description="an integer > 0: default time-to-live of messages in seconds"
+    )
+    max_retry_attempts: int = Field(
+        3, ge=0, description="an integer >= 0: redeliveries before a message is dead-lettered"
+    )
     circuit_breaker_failure_threshold: int = Field(
         5, gt=0, description="an integer > 0: failures that open a circuit breaker"
     )
     circuit_breaker_timeout_seconds: float = Field(
         60, gt=0, description="a number > 0: seconds an open breaker waits before half-open"
     )
-    zero_trust_enabled: bool = Field(True, description="true/false (also 1/0, yes/no, on/off): verify every request")
+    zero_trust_enabled: bool = Field(
+        True, description="true/false (also 1/0, yes/no, on/off): verify every request"
+    )
     security_verification_timeout: float = Field(
         5, gt=0, description="a number > 0: seconds a security verification may take"
     )
-    distributed_tracing_enabled: bool = Field(True, description="true/false (also 1/0, yes/no, on/off): emit OpenTelemetry spans")
+    distributed_tracing_enabled: bool = Field(
+        True, description="true/false (also 1/0, yes/no, on/off): emit OpenTelemetry spans"
+    )
     metrics_collection_interval: float = Field(
         30, gt=0, description="a number > 0: seconds between metric exports"
     )

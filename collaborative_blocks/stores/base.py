@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
@@ -91,9 +92,7 @@ class Tracking:
             raise EventSerializationError(
                 f"Tracking for {self.consumer!r} needs a position, a message_id, or both"
             )
-        if self.position is not None and (
-            not isinstance(self.position, int) or self.position < 0
-        ):
+        if self.position is not None and (not isinstance(self.position, int) or self.position < 0):
             raise EventSerializationError(
                 f"Tracking.position must be an int >= 0, got {self.position!r}"
             )
@@ -400,7 +399,5 @@ class _EventWaiter(CommitWaiter):
             return
         # A bounded wait is a poll interval, not a sleep on wall time: it returns early on
         # every local commit and only bounds how late a remote commit is noticed.
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._event.wait(), self._timeout)
-        except TimeoutError:
-            pass
