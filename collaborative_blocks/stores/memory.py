@@ -151,6 +151,8 @@ class MemoryEventStore(EventStore):
         stop = len(self._log) if to_position is None else max(min(to_position, len(self._log)), 0)
         wanted = set(topics)
         out: list[StoredEvent] = []
+        if limit is not None and limit <= 0:
+            return out
         for event in self._log[start:stop]:
             if wanted and event.topic not in wanted:
                 continue
@@ -216,3 +218,5 @@ class MemoryEventStore(EventStore):
 
     async def close(self) -> None:
         self._closed = True
+        # Wake live subscribers so they see StoreClosedError instead of waiting forever.
+        self._signal.notify()

@@ -10,9 +10,11 @@ from collaborative_blocks.testing.services import (
     require_postgres,
     services_required,
 )
+from collaborative_blocks.testing.store_conformance import StoreConformance
 
 __all__ = [
     "ServiceUnavailable",
+    "StoreConformance",
     "postgres_admin_dsn",
     "require_postgres",
     "services_required",
