@@ -309,9 +309,15 @@ class EventStore(abc.ABC):
             if len(batch) < batch_size:
                 await waiter.wait()
 
-    @abc.abstractmethod
     def _new_events_waiter(self) -> CommitWaiter:
-        """A one-shot signal that fires when events are committed after this call."""
+        """A one-shot signal that fires when events are committed after this call.
+
+        Used by the default :meth:`subscribe`; a store that overrides ``subscribe`` (for
+        example one that delegates to another store) need not implement it.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement _new_events_waiter() or override subscribe()"
+        )
 
     # -- tracking (consumers) --------------------------------------------------------------
 
