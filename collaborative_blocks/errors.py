@@ -8,6 +8,8 @@ one exists, so code written against eventsourcing keeps catching what it expects
 
 from __future__ import annotations
 
+import enum
+
 from eventsourcing.persistence import IntegrityError as _ESIntegrityError
 from eventsourcing.persistence import OperationalError as _ESOperationalError
 from eventsourcing.persistence import PersistenceError as _ESPersistenceError
@@ -128,3 +130,80 @@ def _redact(url: str) -> str:
     creds, host = rest.rsplit("@", 1)
     user = creds.split(":", 1)[0]
     return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+
+
+# -- messaging --------------------------------------------------------------------------------
+
+
+class MessagingError(CollaborativeBlocksError):
+    """Base class of message broker and transport errors."""
+
+
+class RejectionReason(enum.Enum):
+    """Why a message was refused at the wire or before handling (also a dead letter's reason)."""
+
+    MALFORMED = "malformed"
+    OVERSIZED = "oversized"
+    EXPIRED = "expired"
+    UNKNOWN_VERSION = "unknown_version"
+    UNKNOWN_TYPE = "unknown_type"
+
+
+class MessageRejectedError(MessagingError, ValueError):
+    """A message failed wire validation; ``reason`` says which check, the text says why."""
+
+    def __init__(self, reason: RejectionReason, detail: str, *, message_id: str | None = None):
+        self.reason = reason
+        self.detail = detail
+        self.message_id = message_id
+        super().__init__(f"message rejected ({reason.value}): {detail}")
+
+
+class UnsupportedGuaranteeError(MessagingError, ConfigurationError):
+    """A delivery guarantee was asked of a transport (or broker) that cannot give it."""
+
+
+class NoRouteError(MessagingError):
+    """Nobody serves the target of a command or query; the message was dead-lettered."""
+
+
+class QueryTimeoutError(MessagingError, TimeoutError):
+    """No response to a query arrived in time."""
+
+    def __init__(self, target: str, name: str, timeout: float, correlation_id: str) -> None:
+        self.target = target
+        self.name = name
+        self.timeout = timeout
+        self.correlation_id = correlation_id
+        super().__init__(
+            f"query {name!r} to {target!r} got no response within {timeout}s "
+            f"(correlation id {correlation_id}). Check that {target!r} is running and "
+            "registered a handler with on_query, or pass a longer timeout="
+        )
+
+
+class RemoteHandlerError(MessagingError):
+    """The target's query handler raised; ``remote_type`` and the text say what it raised."""
+
+    def __init__(self, target: str, name: str, remote_type: str, detail: str) -> None:
+        self.target = target
+        self.name = name
+        self.remote_type = remote_type
+        self.detail = detail
+        super().__init__(f"{target!r} failed to answer query {name!r}: {remote_type}: {detail}")
+
+
+class HandlerTimeoutError(MessagingError, TimeoutError):
+    """A handler did not finish within the broker's handler timeout; it was cancelled."""
+
+
+class BrokerClosedError(MessagingError):
+    """The broker was closed; create (and start) a new one."""
+
+
+class TransportUnavailableError(MessagingError):
+    """The transport's server could not be reached or went away; the message says which."""
+
+
+class DeadLetterNotFoundError(MessagingError, LookupError):
+    """No dead letter has the id that was asked for; list them with ``cblocks dlq list``."""

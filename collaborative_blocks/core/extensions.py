@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from collaborative_blocks.core.clock import Clock
+    from collaborative_blocks.core.messaging.transport import Transport
+    from collaborative_blocks.core.runtime import Runtime
     from collaborative_blocks.stores.base import EventStore
 
 __all__ = [
@@ -40,12 +42,20 @@ class StoreFactory(Protocol):
 
 @runtime_checkable
 class TransportFactory(Protocol):
-    """Opens a message transport for the URL schemes it names."""
+    """Opens a message transport for the URL schemes it names.
+
+    ``open`` takes the URL (e.g. ``redis://localhost:6379``) and the runtime, which supplies
+    the clock (ack timeouts, nack delays), the random source, the settings and the event
+    store (the log-backed transport uses it). It returns a connected
+    :class:`~collaborative_blocks.core.messaging.transport.Transport`; raise
+    :class:`~collaborative_blocks.errors.TransportUnavailableError` when the server cannot be
+    reached.
+    """
 
     @property
     def schemes(self) -> Sequence[str]: ...
 
-    async def open(self, url: str, **options: Any) -> Any: ...
+    async def open(self, url: str, *, runtime: Runtime) -> Transport: ...
 
 
 @runtime_checkable

@@ -30,7 +30,10 @@ hookimpl = pluggy.HookimplMarker(hookspecs.PROJECT_NAME)
 ENTRY_POINT_GROUP = "collaborative_blocks"
 
 #: Registered first, in this order, by every plugin manager (unless ``builtins=False``).
-BUILTIN_PLUGINS: tuple[str, ...] = ("collaborative_blocks.plugins.stores",)
+BUILTIN_PLUGINS: tuple[str, ...] = (
+    "collaborative_blocks.plugins.stores",
+    "collaborative_blocks.plugins.transports.memory",
+)
 
 
 def make_plugin_manager(

@@ -1,0 +1,343 @@
+"""The in-process transport (``memory://``, the default ``MESSAGE_BROKER_URL``).
+
+Messages never leave the process and are not serialised: the broker hands
+:class:`~collaborative_blocks.core.messaging.Message` objects over as they are. Consumer
+groups, acknowledgements, nack delays and ack timeouts behave like a networked broker's, on
+the injected clock, so code tested here behaves the same over Redis or NATS (the transport
+conformance suite checks that). Nothing survives the process: it offers every delivery
+guarantee, but is neither durable nor crash-safe across processes.
+
+Configuration: ``memory://?max_backlog=N`` bounds how many messages of one subject wait
+for the slowest group before publishers wait (backpressure; default 10,000). A subject with
+no consumer group keeps nothing: a new group starts with the next message.
+
+A third-party transport plugin has the same shape as this module: a factory with
+``schemes`` and ``async open(url, *, runtime)``, returned from ``cb_transport_factories``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qs, urlsplit
+
+from collaborative_blocks import hookimpl
+from collaborative_blocks.core.clock import Clock
+from collaborative_blocks.core.extensions import TransportFactory
+from collaborative_blocks.core.messaging.envelope import Message
+from collaborative_blocks.core.messaging.transport import (
+    Delivery,
+    Subscription,
+    Transport,
+    TransportCapabilities,
+)
+from collaborative_blocks.errors import ConfigurationError, TransportUnavailableError
+
+if TYPE_CHECKING:
+    from collaborative_blocks.core.runtime import Runtime
+
+__all__ = ["MemoryTransport", "MemoryTransportFactory"]
+
+DEFAULT_MAX_BACKLOG = 10_000
+
+
+class _Entry:
+    __slots__ = ("body", "seq")
+
+    def __init__(self, seq: int, body: Message | bytes) -> None:
+        self.seq = seq
+        self.body = body
+
+
+class MemoryDelivery:
+    __slots__ = ("_consumer", "_deadline", "_entry", "_group", "_settled", "attempt", "subject")
+
+    def __init__(
+        self, group: _Group, consumer: _Consumer, entry: _Entry, attempt: int, deadline: float
+    ) -> None:
+        self._group = group
+        self._consumer = consumer
+        self._entry = entry
+        self._deadline = deadline
+        self._settled = False
+        self.attempt = attempt
+        self.subject = group.subject.name
+
+    @property
+    def body(self) -> Message | bytes:
+        return self._entry.body
+
+    async def ack(self) -> None:
+        self._group.settle(self, redeliver_at=None)
+
+    async def nack(self, delay: float = 0.0) -> None:
+        self._group.settle(self, redeliver_at=self._group.clock.monotonic() + max(delay, 0.0))
+
+
+class _Consumer:
+    __slots__ = ("name", "prefetch", "unsettled")
+
+    def __init__(self, name: str, prefetch: int) -> None:
+        self.name = name
+        self.prefetch = prefetch
+        self.unsettled = 0
+
+
+class _Subject:
+    __slots__ = ("entries", "groups", "name", "next_seq", "space")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.entries: deque[_Entry] = deque()
+        self.groups: dict[str, _Group] = {}
+        self.next_seq = 0
+        self.space = asyncio.Event()
+
+    def trim(self) -> None:
+        """Drop what every group has moved past (delivered, not necessarily acked)."""
+        if not self.groups:
+            self.entries.clear()
+        else:
+            low = min(g.cursor for g in self.groups.values())
+            entries = self.entries
+            while entries and entries[0].seq < low:
+                entries.popleft()
+        self.space.set()
+
+
+class _Group:
+    __slots__ = (
+        "attempts",
+        "clock",
+        "cursor",
+        "delayed",
+        "name",
+        "pending",
+        "ready",
+        "subject",
+        "tiebreak",
+        "wakeup",
+    )
+
+    def __init__(self, subject: _Subject, name: str, clock: Clock) -> None:
+        self.subject = subject
+        self.name = name
+        self.clock = clock
+        self.cursor = subject.next_seq
+        self.ready: deque[_Entry] = deque()
+        self.delayed: list[tuple[float, int, _Entry]] = []
+        self.pending: list[tuple[float, int, MemoryDelivery]] = []
+        self.attempts: dict[int, int] = {}
+        self.wakeup = asyncio.Event()
+        self.tiebreak = itertools.count()
+
+    def settle(self, delivery: MemoryDelivery, redeliver_at: float | None) -> None:
+        if delivery._settled:
+            return
+        delivery._settled = True
+        delivery._consumer.unsettled -= 1
+        entry = delivery._entry
+        if redeliver_at is None:
+            self.attempts.pop(entry.seq, None)
+        elif redeliver_at <= self.clock.monotonic():
+            self.ready.append(entry)
+        else:
+            heapq.heappush(self.delayed, (redeliver_at, next(self.tiebreak), entry))
+        self.wakeup.set()
+
+    def collect_due(self, now: float) -> None:
+        delayed = self.delayed
+        while delayed and delayed[0][0] <= now:
+            self.ready.append(heapq.heappop(delayed)[2])
+        pending = self.pending
+        while pending and (pending[0][2]._settled or pending[0][0] <= now):
+            _, _, delivery = heapq.heappop(pending)
+            if not delivery._settled:
+                # Its consumer died or hung: the message goes to whoever fetches next.
+                delivery._settled = True
+                delivery._consumer.unsettled -= 1
+                self.ready.append(delivery._entry)
+
+    def next_deadline(self) -> float | None:
+        candidates = []
+        if self.delayed:
+            candidates.append(self.delayed[0][0])
+        while self.pending and self.pending[0][2]._settled:
+            heapq.heappop(self.pending)
+        if self.pending:
+            candidates.append(self.pending[0][0])
+        return min(candidates) if candidates else None
+
+
+class _MemorySubscription:
+    def __init__(
+        self, transport: MemoryTransport, group: _Group, consumer: _Consumer, ack_timeout: float
+    ) -> None:
+        self._transport = transport
+        self._group = group
+        self._consumer = consumer
+        self._ack_timeout = ack_timeout
+        self._closed = False
+        self._outstanding: list[MemoryDelivery] = []
+
+    async def fetch(self, max_messages: int) -> Sequence[Delivery]:
+        group = self._group
+        consumer = self._consumer
+        subject = group.subject
+        clock = group.clock
+        while True:
+            if self._closed or self._transport._closed:
+                return []
+            now = clock.monotonic()
+            group.collect_due(now)
+            room = min(max_messages, consumer.prefetch - consumer.unsettled)
+            out: list[MemoryDelivery] = []
+            if room > 0:
+                deadline = now + self._ack_timeout
+                attempts = group.attempts
+                while group.ready and len(out) < room:
+                    entry = group.ready.popleft()
+                    out.append(self._hand_out(entry, attempts[entry.seq] + 1, deadline))
+                if len(out) < room and subject.entries:
+                    entries = subject.entries
+                    first_seq = entries[0].seq
+                    index = group.cursor - first_seq
+                    stop = min(len(entries), index + room - len(out))
+                    while index < stop:
+                        out.append(self._hand_out(entries[index], 1, deadline))
+                        index += 1
+                    group.cursor = first_seq + index
+                    subject.trim()
+            if out:
+                return out
+            group.wakeup.clear()
+            await self._wait(group)
+
+    def _hand_out(self, entry: _Entry, attempt: int, deadline: float) -> MemoryDelivery:
+        group = self._group
+        group.attempts[entry.seq] = attempt
+        delivery = MemoryDelivery(group, self._consumer, entry, attempt, deadline)
+        self._consumer.unsettled += 1
+        heapq.heappush(group.pending, (deadline, next(group.tiebreak), delivery))
+        return delivery
+
+    async def _wait(self, group: _Group) -> None:
+        deadline = group.next_deadline()
+        if deadline is None:
+            await group.wakeup.wait()
+            return
+        clock = group.clock
+        sleeper = asyncio.ensure_future(clock.sleep(max(deadline - clock.monotonic(), 0.0)))
+        waker = asyncio.ensure_future(group.wakeup.wait())
+        try:
+            await asyncio.wait((sleeper, waker), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            waker.cancel()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        group = self._group
+        # A graceful leave gives back what this consumer still holds, now rather than after
+        # the ack timeout.
+        for _, _, delivery in list(group.pending):
+            if delivery._consumer is self._consumer and not delivery._settled:
+                group.settle(delivery, redeliver_at=group.clock.monotonic())
+        group.wakeup.set()
+
+
+class MemoryTransport:
+    """In-process consumer groups with acks, nack delays, ack timeouts and backpressure."""
+
+    def __init__(
+        self, *, clock: Clock, max_backlog: int = DEFAULT_MAX_BACKLOG, url: str = "memory://"
+    ) -> None:
+        if max_backlog < 1:
+            raise ConfigurationError(f"max_backlog must be >= 1, got {max_backlog}")
+        self._clock = clock
+        self._subjects: dict[str, _Subject] = {}
+        self._max_backlog = max_backlog
+        self._closed = False
+        self.url = url
+        self.capabilities = TransportCapabilities()
+
+    def _subject(self, name: str) -> _Subject:
+        subject = self._subjects.get(name)
+        if subject is None:
+            subject = self._subjects[name] = _Subject(name)
+        return subject
+
+    async def publish(self, subject: str, message: Message | bytes) -> None:
+        if self._closed:
+            raise TransportUnavailableError(f"transport {self.url} is closed")
+        target = self._subjects.get(subject) or self._subject(subject)
+        if not target.groups:
+            target.next_seq += 1
+            return
+        while len(target.entries) >= self._max_backlog:
+            target.space.clear()
+            await target.space.wait()
+            if self._closed:
+                raise TransportUnavailableError(f"transport {self.url} is closed")
+        target.entries.append(_Entry(target.next_seq, message))
+        target.next_seq += 1
+        for group in target.groups.values():
+            group.wakeup.set()
+
+    async def subscribe(
+        self,
+        subject: str,
+        *,
+        group: str,
+        consumer: str,
+        ack_timeout: float = 30.0,
+        prefetch: int = 100,
+    ) -> Subscription:
+        if self._closed:
+            raise TransportUnavailableError(f"transport {self.url} is closed")
+        if prefetch < 1:
+            raise ConfigurationError(f"prefetch must be >= 1, got {prefetch}")
+        target = self._subject(subject)
+        state = target.groups.get(group)
+        if state is None:
+            state = target.groups[group] = _Group(target, group, self._clock)
+        return _MemorySubscription(self, state, _Consumer(consumer, prefetch), ack_timeout)
+
+    def backlog(self, subject: str) -> int:
+        """Messages of ``subject`` not yet handed to every group (for metrics and tests)."""
+        found = self._subjects.get(subject)
+        return len(found.entries) if found else 0
+
+    async def close(self) -> None:
+        self._closed = True
+        for subject in self._subjects.values():
+            subject.space.set()
+            for group in subject.groups.values():
+                group.wakeup.set()
+
+
+class MemoryTransportFactory:
+    schemes = ("memory",)
+
+    async def open(self, url: str, *, runtime: Runtime) -> Transport:
+        query = parse_qs(urlsplit(url).query)
+        max_backlog = DEFAULT_MAX_BACKLOG
+        if "max_backlog" in query:
+            try:
+                max_backlog = int(query["max_backlog"][0])
+            except ValueError:
+                raise ConfigurationError(
+                    f"max_backlog in {url!r} must be an integer >= 1"
+                ) from None
+        return MemoryTransport(clock=runtime.clock, max_backlog=max_backlog, url=url)
+
+
+@hookimpl
+def cb_transport_factories() -> Sequence[TransportFactory]:
+    return [MemoryTransportFactory()]
