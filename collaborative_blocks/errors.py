@@ -122,6 +122,31 @@ class AggregateNotFoundError(CollaborativeBlocksError, LookupError):
     """No events are stored for the aggregate id that was asked for."""
 
 
+class GuardRejectedError(IllegalTransitionError):
+    """The trigger is allowed in the current state, but a guard of every matching transition
+    said no. Nothing is persisted when this is raised."""
+
+    def __init__(self, machine: str, trigger: str, state: str, rejected_by: list[str]) -> None:
+        self.machine = machine
+        self.trigger = trigger
+        self.state = state
+        self.allowed = [trigger]
+        self.rejected_by = rejected_by
+        CollaborativeBlocksError.__init__(
+            self,
+            f"{machine}: {trigger!r} in state {state!r} was rejected by its guard(s) "
+            f"{', '.join(rejected_by)}. Nothing was persisted. Change the arguments or the "
+            "aggregate's state so the guards pass, then retry.",
+        )
+
+
+class CommandArgumentsError(CollaborativeBlocksError, TypeError):
+    """A command (a trigger) was called with arguments its signature does not accept.
+
+    Nothing is recorded when this is raised; the message shows the expected signature.
+    """
+
+
 def _redact(url: str) -> str:
     """Hide a password in a URL before it goes into an error message."""
     if "://" not in url or "@" not in url:

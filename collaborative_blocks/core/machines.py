@@ -1,0 +1,475 @@
+"""State-machine aggregates: a lifecycle declared once, every transition a persisted event.
+
+An aggregate's legal lifecycle is declared on its class: an ``Enum`` of states (``str``
+values), the ``initial`` state, and one method per trigger decorated with :func:`transition`.
+Calling a trigger method validates it against a ``transitions.Machine`` (compiled once per
+class, shared by every instance), records one event that carries the trigger's arguments and
+the destination state, and applies it. Replaying the stored events rebuilds the state without
+re-checking anything: history is fact. An illegal trigger raises
+:class:`~collaborative_blocks.errors.IllegalTransitionError` and records nothing.
+
+```python
+class OrderState(enum.Enum):
+    NEW = "new"
+    PAID = "paid"
+    SHIPPED = "shipped"
+    CANCELLED = "cancelled"
+
+class Order(StateMachineAggregate[OrderState]):
+    initial = OrderState.NEW
+
+    @event("Placed")
+    def __init__(self, customer: str) -> None:
+        self.customer = customer
+        self.paid = 0
+
+    def covers_total(self, amount: int) -> bool:        # a guard
+        return amount >= 10
+
+    @transition(source=OrderState.NEW, dest=OrderState.PAID, conditions=[covers_total])
+    def pay(self, amount: int) -> None:                  # records an event "Pay"
+        self.paid = amount
+
+    @transition(source=OrderState.PAID, dest=OrderState.SHIPPED, event="Shipped")
+    def ship(self) -> None: ...
+
+    @transition(source=[OrderState.NEW, OrderState.PAID], dest=OrderState.CANCELLED)
+    def cancel(self, reason: str) -> None:
+        self.reason = reason
+
+order = Order(customer="ann")
+order.pay(amount=12)       # order.state is OrderState.PAID
+order.ship()
+order.cancel(reason="x")   # IllegalTransitionError: cannot 'cancel' in state 'shipped'
+```
+
+Guards (``conditions`` must all be true, ``unless`` must all be false) are methods of the
+aggregate class, given by name or as the function itself (or a property, or any function
+taking the aggregate first). Each is called with the aggregate and those of the trigger's
+arguments its signature names (all of them if it takes ``**kwargs``), and must not change
+anything. They run when the command is issued, never on replay. A trigger may have several
+transitions (stack :func:`transition` decorators): the first whose source matches and whose
+guards pass wins, as in ``transitions``.
+
+The trigger method's body runs first, still in the source state, then the state changes: if
+the body raises, neither the event nor the state change is recorded.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, ClassVar, Generic, Literal, TypeVar, cast
+
+from eventsourcing.domain import CanMutateAggregate, event
+from transitions import EventData, Machine
+
+from collaborative_blocks.core.aggregates import Aggregate
+from collaborative_blocks.errors import (
+    CommandArgumentsError,
+    GuardRejectedError,
+    IllegalTransitionError,
+)
+
+__all__ = [
+    "Guard",
+    "Lifecycle",
+    "StateMachineAggregate",
+    "transition",
+]
+
+S = TypeVar("S", bound=enum.Enum)
+F = TypeVar("F", bound=Callable[..., None])
+
+Guard = str | Callable[..., bool] | property
+"""A guard: the name of an aggregate method or property, or a callable taking the aggregate."""
+
+#: Where an instance keeps its current state's value (a plain string, so snapshots and
+#: ``vars()`` stay JSON-friendly).
+STATE_ATTRIBUTE = "_cb_state"
+#: The event field that carries the destination state.
+TO_STATE = "to_state"
+_SPEC_ATTRIBUTE = "__cb_transitions__"
+_EVENT_NAME_ATTRIBUTE = "__cb_event_name__"
+
+
+@dataclass(frozen=True, slots=True)
+class _TransitionSpec:
+    sources: tuple[enum.Enum, ...] | Literal["*"]
+    dest: enum.Enum | None
+    conditions: tuple[Guard, ...]
+    unless: tuple[Guard, ...]
+
+
+def transition(
+    *,
+    source: S | Iterable[S] | Literal["*"],
+    dest: S | None = None,
+    conditions: Guard | Iterable[Guard] = (),
+    unless: Guard | Iterable[Guard] = (),
+    event: str | None = None,
+) -> Callable[[F], F]:
+    """Declare the decorated method as a trigger of the aggregate's state machine.
+
+    ``source``: the state(s) the trigger is allowed in (``"*"``: any state). ``dest``: the
+    state it leads to (None: stay in the current state, an internal transition).
+    ``conditions``/``unless``: guards (see the module docs). ``event``: the name of the
+    recorded event class (default: the method name in CamelCase, as eventsourcing's
+    ``@event`` would name it).
+
+    The method's parameters are the trigger's payload and become the event's fields; its
+    body applies the event to the aggregate, both when the command is issued and on replay,
+    so it must only change the aggregate from its arguments. Stack several ``@transition``
+    decorators for a trigger with several (source, dest) pairs; the first one whose source
+    matches and whose guards pass is taken.
+    """
+    if source == "*":
+        sources: tuple[enum.Enum, ...] | Literal["*"] = "*"
+    elif isinstance(source, enum.Enum):
+        sources = (source,)
+    else:
+        sources = tuple(cast(Iterable[enum.Enum], source))
+    spec = _TransitionSpec(
+        sources=sources,
+        dest=dest,
+        conditions=_as_guards(conditions),
+        unless=_as_guards(unless),
+    )
+
+    def decorate(func: F) -> F:
+        if not inspect.isfunction(func):
+            raise TypeError(f"@transition decorates a method, not {func!r}")
+        specs: list[_TransitionSpec] = list(getattr(func, _SPEC_ATTRIBUTE, ()))
+        # Decorators apply bottom-up; keep the written (top-down) order, the one tried first.
+        specs.insert(0, spec)
+        setattr(func, _SPEC_ATTRIBUTE, tuple(specs))
+        if event is not None:
+            setattr(func, _EVENT_NAME_ATTRIBUTE, event)
+        return func
+
+    return decorate
+
+
+def _as_guards(guards: Guard | Iterable[Guard]) -> tuple[Guard, ...]:
+    if isinstance(guards, str | property) or callable(guards):
+        return (guards,)
+    return tuple(guards)
+
+
+@dataclass(frozen=True, slots=True)
+class _Trigger:
+    name: str
+    event_class: type[CanMutateAggregate[Any]]
+    signature: inspect.Signature
+
+
+@dataclass(slots=True)
+class Lifecycle(Generic[S]):
+    """A state-machine aggregate class's compiled lifecycle (``Order.lifecycle``).
+
+    ``machine`` is the ``transitions.Machine`` that validates triggers (no models are
+    attached: instances keep their own state and share this one machine).
+    """
+
+    owner: str
+    states: type[S]
+    initial: S
+    machine: Machine
+    triggers: dict[str, _Trigger] = field(default_factory=dict)
+
+    def allowed(self, state: S) -> list[str]:
+        """The triggers that have a transition out of ``state`` (guards not evaluated)."""
+        return sorted(self.machine.get_triggers(state.value))
+
+    def state_of(self, value: str) -> S:
+        return self.states(value)
+
+
+def _guard_callable(cls: type, guard: Guard, trigger: str) -> Callable[[EventData], bool]:
+    check = _guard_check(cls, guard, trigger)
+    name = guard if isinstance(guard, str) else getattr(guard, "__name__", None)
+    if name is None and isinstance(guard, property) and guard.fget is not None:
+        name = guard.fget.__name__
+    check.__cb_guard_name__ = name or repr(guard)  # type: ignore[attr-defined]
+    return check
+
+
+def _guard_check(cls: type, guard: Guard, trigger: str) -> Callable[[EventData], bool]:
+    target: Any = guard
+    if isinstance(guard, str):
+        target = inspect.getattr_static(cls, guard, None)
+        if target is None:
+            raise TypeError(
+                f"{cls.__qualname__}.{trigger}: guard {guard!r} is not an attribute of "
+                f"{cls.__qualname__}; define a method {guard}(self, ...) -> bool"
+            )
+    if isinstance(target, staticmethod | classmethod):
+        target = target.__get__(None, cls)
+        call_with_model = isinstance(guard, staticmethod)
+    else:
+        call_with_model = True
+    if isinstance(target, property):
+        getter = target.fget
+        if getter is None:
+            raise TypeError(f"{cls.__qualname__}.{trigger}: guard property has no getter")
+        return lambda data: bool(getter(data.model))
+    if not callable(target):
+        raise TypeError(
+            f"{cls.__qualname__}.{trigger}: guard {guard!r} is not callable; give a method, "
+            "a property or a function taking the aggregate"
+        )
+    parameters = inspect.signature(target).parameters
+    takes_all = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    names = frozenset(parameters)
+    func = cast(Callable[..., Any], target)
+
+    def check(data: EventData) -> bool:
+        kwargs: Mapping[str, Any] = data.kwargs
+        if not takes_all:
+            kwargs = {k: v for k, v in kwargs.items() if k in names}
+        if call_with_model:
+            return bool(func(data.model, **kwargs))
+        return bool(func(**kwargs))
+
+    return check
+
+
+def _make_applier(func: Callable[..., None], name: str) -> Callable[..., None]:
+    """The function the recorded event calls: the trigger body, then the state change."""
+
+    def applier(self: Any, **kwargs: Any) -> None:
+        to_state = kwargs.pop(TO_STATE)
+        func(self, **kwargs)
+        self.__dict__[STATE_ATTRIBUTE] = to_state
+
+    signature = inspect.signature(func)
+    applier.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[
+            *signature.parameters.values(),
+            inspect.Parameter(TO_STATE, inspect.Parameter.KEYWORD_ONLY, annotation=str),
+        ]
+    )
+    applier.__name__ = f"_cb_apply_{name}"
+    applier.__qualname__ = f"{func.__qualname__.rsplit('.', 1)[0]}._cb_apply_{name}"
+    applier.__module__ = func.__module__
+    applier.__doc__ = func.__doc__
+    return applier
+
+
+def _make_command(trigger: str, func: Callable[..., None]) -> Callable[..., None]:
+    def command(self: StateMachineAggregate[Any], *args: Any, **kwargs: Any) -> None:
+        self._fire(trigger, args, kwargs)
+
+    command.__name__ = func.__name__
+    command.__qualname__ = func.__qualname__
+    command.__module__ = func.__module__
+    command.__doc__ = func.__doc__
+    command.__signature__ = inspect.signature(func)  # type: ignore[attr-defined]
+    return command
+
+
+class StateMachineAggregate(Aggregate, Generic[S]):
+    """Base class of aggregates whose lifecycle is a ``transitions`` state machine.
+
+    Subclasses set ``initial`` to a member of their states ``Enum`` (whose values must be
+    strings) and declare triggers with :func:`transition`. ``state`` is the current state;
+    ``allowed_triggers`` the triggers with a transition out of it; :meth:`fire` issues a
+    trigger by name (for code that drives machines generically); :meth:`may` asks whether a
+    trigger would be accepted now.
+    """
+
+    lifecycle: ClassVar[Lifecycle[Any]]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        pending: list[tuple[str, Callable[..., None], tuple[_TransitionSpec, ...], str]] = []
+        for name, value in list(cls.__dict__.items()):
+            specs = getattr(value, _SPEC_ATTRIBUTE, None)
+            if specs is None or not inspect.isfunction(value):
+                continue
+            if TO_STATE in inspect.signature(value).parameters:
+                raise TypeError(
+                    f"{cls.__qualname__}.{name}: the parameter name {TO_STATE!r} is reserved "
+                    "for the destination state; rename the parameter"
+                )
+            event_name = getattr(
+                value,
+                _EVENT_NAME_ATTRIBUTE,
+                "".join(part.capitalize() for part in name.split("_")),
+            )
+            applier = _make_applier(value, name)
+            # eventsourcing defines the event class from the applier's signature when it
+            # processes the class, under a private attribute; the public name becomes the
+            # validating command.
+            setattr(cls, f"_cb_apply_{name}", event(event_name)(applier))
+            setattr(cls, name, _make_command(name, value))
+            pending.append((name, value, specs, event_name))
+        super().__init_subclass__(**kwargs)
+        initial = cls.__dict__.get("initial", getattr(cls, "initial", None))
+        if initial is None:
+            if pending:
+                raise TypeError(
+                    f"{cls.__qualname__} declares transitions but no initial state; set "
+                    "initial = <YourStates>.<FIRST> on the class"
+                )
+            return  # an abstract intermediate base
+        cls._compile(initial, pending)
+
+    @classmethod
+    def _compile(
+        cls,
+        initial: enum.Enum,
+        pending: list[tuple[str, Callable[..., None], tuple[_TransitionSpec, ...], str]],
+    ) -> None:
+        if not isinstance(initial, enum.Enum):
+            raise TypeError(
+                f"{cls.__qualname__}.initial must be a member of an Enum of states, got {initial!r}"
+            )
+        states = type(initial)
+        for member in states:
+            if not isinstance(member.value, str):
+                raise TypeError(
+                    f"{cls.__qualname__}: state {member!r} has a non-string value; the value "
+                    "is what events store, so give every state a str value"
+                )
+        declarations = dict(getattr(cls, "_cb_declarations", {}))
+        for name, func, specs, event_name in pending:
+            declarations[name] = (func, specs, event_name)
+        machine = Machine(
+            model=None,
+            states=[member.value for member in states],
+            initial=initial.value,
+            auto_transitions=False,
+            send_event=True,
+            name=cls.__qualname__,
+        )
+        lifecycle: Lifecycle[Any] = Lifecycle(
+            owner=cls.__qualname__, states=states, initial=initial, machine=machine
+        )
+        for name, (func, specs, _event_name) in declarations.items():
+            for spec in specs:
+                if spec.sources == "*":
+                    source: Any = "*"
+                else:
+                    source = [cls._state_value(states, s, name) for s in spec.sources]
+                dest = None if spec.dest is None else cls._state_value(states, spec.dest, name)
+                machine.add_transition(
+                    trigger=name,
+                    source=source,
+                    dest=dest,
+                    conditions=[_guard_callable(cls, g, name) for g in spec.conditions],
+                    unless=[_guard_callable(cls, g, name) for g in spec.unless],
+                )
+            applier_decorator = getattr(cls, f"_cb_apply_{name}")
+            event_class = cls._event_class_of(name, applier_decorator)
+            lifecycle.triggers[name] = _Trigger(name, event_class, inspect.signature(func))
+        cls._cb_declarations = declarations
+        cls.lifecycle = lifecycle
+
+    _cb_declarations: ClassVar[
+        dict[str, tuple[Callable[..., None], tuple[_TransitionSpec, ...], str]]
+    ] = {}
+
+    @staticmethod
+    def _state_value(states: type[enum.Enum], state: object, trigger: str) -> str:
+        if not isinstance(state, states):
+            raise TypeError(
+                f"trigger {trigger!r}: state {state!r} is not a member of {states.__name__}"
+            )
+        return cast(str, state.value)
+
+    @classmethod
+    def _event_class_of(cls, name: str, applier: Any) -> type[CanMutateAggregate[Any]]:
+        from eventsourcing.domain import decorated_func_callers
+
+        # The private applier attribute resolves to eventsourcing's command decorator, whose
+        # registered event class is the one this class (or the base that declared it) defined.
+        decorator = inspect.getattr_static(cls, f"_cb_apply_{name}")
+        return cast(type[CanMutateAggregate[Any]], decorated_func_callers[decorator])
+
+    def __base_init__(
+        self, originator_id: Any, originator_version: int, timestamp: datetime
+    ) -> None:
+        super().__base_init__(originator_id, originator_version, timestamp)
+        self.__dict__[STATE_ATTRIBUTE] = type(self).lifecycle.initial.value
+
+    # -- the public surface ------------------------------------------------------------------
+
+    @property
+    def state(self) -> S:
+        """The current state."""
+        return cast(S, type(self).lifecycle.states(self.__dict__[STATE_ATTRIBUTE]))
+
+    @property
+    def allowed_triggers(self) -> list[str]:
+        """Triggers with a transition out of the current state (guards not evaluated)."""
+        return type(self).lifecycle.allowed(self.state)
+
+    def fire(self, trigger: str, /, **payload: Any) -> None:
+        """Issue ``trigger`` by name with ``payload`` as its keyword arguments.
+
+        Same as calling the trigger method: records one event, or raises
+        :class:`~collaborative_blocks.errors.IllegalTransitionError` (unknown trigger, not
+        allowed in the current state, or a guard said no) and records nothing.
+        """
+        self._fire(trigger, (), payload)
+
+    def may(self, trigger: str, /, **payload: Any) -> bool:
+        """Whether ``trigger`` with ``payload`` would be accepted now (guards evaluated)."""
+        try:
+            self._select(trigger, self._bind(trigger, (), payload))
+        except IllegalTransitionError:
+            return False
+        return True
+
+    def _bind(self, trigger: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        lifecycle = type(self).lifecycle
+        spec = lifecycle.triggers.get(trigger)
+        if spec is None:
+            raise IllegalTransitionError(
+                lifecycle.owner, trigger, self.state.value, lifecycle.allowed(self.state)
+            )
+        try:
+            bound = spec.signature.bind(self, *args, **kwargs)
+        except TypeError as error:
+            raise CommandArgumentsError(
+                f"{lifecycle.owner}.{trigger}{spec.signature}: {error}. Nothing was recorded."
+            ) from None
+        bound.apply_defaults()
+        payload = dict(bound.arguments)
+        payload.pop(next(iter(spec.signature.parameters)))  # self
+        return payload
+
+    def _select(self, trigger: str, payload: dict[str, Any]) -> str:
+        lifecycle = type(self).lifecycle
+        machine = lifecycle.machine
+        current = self.__dict__[STATE_ATTRIBUTE]
+        candidates = machine.events[trigger].transitions.get(current)
+        if not candidates:
+            raise IllegalTransitionError(
+                lifecycle.owner, trigger, current, lifecycle.allowed(self.state)
+            )
+        data = EventData(
+            machine.get_state(current), machine.events[trigger], machine, self, (), payload
+        )
+        rejected: list[str] = []
+        for candidate in candidates:
+            failed = [c for c in candidate.conditions if not c.check(data)]
+            if not failed:
+                return current if candidate.dest is None else candidate.dest
+            rejected.extend(_guard_name(c) for c in failed)
+        raise GuardRejectedError(lifecycle.owner, trigger, current, rejected)
+
+    def _fire(self, trigger: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        payload = self._bind(trigger, args, kwargs)
+        to_state = self._select(trigger, payload)
+        event_class = type(self).lifecycle.triggers[trigger].event_class
+        self.trigger_event(event_class, **{TO_STATE: to_state}, **payload)
+
+
+def _guard_name(condition: Any) -> str:
+    func = condition.func
+    name = getattr(func, "__cb_guard_name__", None) or getattr(func, "__name__", repr(func))
+    return f"not {name}" if condition.target is False else str(name)
