@@ -1,7 +1,168 @@
-"""``cblocks bench``: benchmarks measured against baselines in the same run."""
+"""``cblocks bench``: benchmarks measured against baselines in the same run.
+
+A typer sub-app, so later components add ``cblocks bench broker|sync|workflow`` next to
+``store``.
+"""
 
 from __future__ import annotations
 
+import shlex
+import sys
+from typing import Annotated, Any
+
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from collaborative_blocks.bench._stats import CaseResult, machine_info
+from collaborative_blocks.bench.store import (
+    CASES,
+    StoreBenchConfig,
+    planned_measurements,
+    run_store_bench,
+    sequence_of_cases,
+)
+from collaborative_blocks.cli._common import console, err_console, fail, print_json, run_async
 
 app = typer.Typer(help="Benchmarks: ours vs baselines, measured interleaved in one run.")
+
+
+def _rate(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if value >= 100 else f"{value:,.2f}"
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def results_table(title: str, cases: list[CaseResult]) -> Table:
+    """case, ours, baseline, ratio, target, met? (context contenders on their own rows)."""
+    table = Table(title=title)
+    table.add_column("case")
+    table.add_column("ours", justify="right")
+    table.add_column("baseline", justify="right")
+    table.add_column("ratio", justify="right")
+    table.add_column("target", justify="right")
+    table.add_column("met?", justify="center")
+    for case in cases:
+        ours = case.measurements.get(case.ours)
+        base = case.measurements.get(case.baseline)
+        if case.unavailable is not None:
+            met = "[yellow]n/a[/]"
+        elif case.met:
+            met = "[green]yes[/]"
+        else:
+            met = "[red]no[/]"
+        table.add_row(
+            f"{case.title}\n[dim]vs {case.baseline}[/]",
+            "-" if ours is None else f"{_rate(ours.median)} {case.unit}",
+            "-" if base is None else f"{_rate(base.median)} {case.unit}",
+            _ratio(case.ratio),
+            f">= {case.target:g}x",
+            met,
+        )
+        for name, measurement in case.measurements.items():
+            if name in (case.ours, case.baseline):
+                continue
+            table.add_row(
+                f"[dim]  context: {name}[/]",
+                f"[dim]{_rate(measurement.median)} {case.unit}[/]",
+                "",
+                f"[dim]{_ratio(case.ratio_to_baseline(name))}[/]",
+                "",
+                "",
+            )
+        if case.unavailable is not None:
+            table.add_row(f"[yellow]  {case.unavailable}[/]", "", "", "", "", "")
+    return table
+
+
+@app.command("store")
+def store_command(
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="Tiny sizes, one round (tests).")] = False,
+    postgres: Annotated[
+        str | None,
+        typer.Option(
+            "--postgres",
+            metavar="URL",
+            help="Also run the PostgreSQL cases; a fresh database is created on this server "
+            "per measurement (e.g. postgresql://postgres@127.0.0.1:5432/postgres).",
+        ),
+    ] = None,
+    rounds: Annotated[
+        int | None,
+        typer.Option(min=1, help="Interleaved rounds per case (default 5; 1 with --quick)."),
+    ] = None,
+    case: Annotated[
+        list[str] | None,
+        typer.Option("--case", metavar="LETTER", help="Only these cases: a, b, c, d (repeatable)."),
+    ] = None,
+) -> None:
+    """The event store vs raw drivers and eventsourcing's recorders (issue 2 targets)."""
+    cases = sequence_of_cases(case or CASES)
+    unknown = sorted(set(cases) - set(CASES))
+    if unknown:
+        fail(f"unknown --case {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    options: dict[str, Any] = {"postgres": postgres, "cases": cases}
+    if rounds is not None:
+        options["rounds"] = rounds
+    cfg = StoreBenchConfig.quick(**options) if quick else StoreBenchConfig(**options)
+    command = "cblocks " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "cblocks bench store"
+
+    async def main() -> list[CaseResult]:
+        if as_json:
+            return await run_store_bench(cfg)
+        progress = Progress(
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err_console,
+            transient=True,
+        )
+        with progress:
+            task = progress.add_task("benchmark", total=planned_measurements(cfg))
+
+            def advance(key: str, name: str) -> None:
+                progress.update(task, advance=1, description=f"{key}: {name}")
+
+            return await run_store_bench(cfg, advance)
+
+    results = run_async(main)
+    machine = machine_info()
+    if as_json:
+        print_json(
+            {
+                "benchmark": "store",
+                "command": command,
+                "machine": machine,
+                "config": {
+                    "rounds": cfg.rounds,
+                    "quick": quick,
+                    "postgres": postgres is not None,
+                    "cases": list(cfg.cases),
+                    "sequential_appends": cfg.sequential_appends,
+                    "concurrent_tasks": cfg.concurrent_tasks,
+                    "appends_per_task": cfg.appends_per_task,
+                    "batches": cfg.batches,
+                    "batch_size": cfg.batch_size,
+                    "aggregate_events": cfg.aggregate_events,
+                    "loads": cfg.loads,
+                },
+                "cases": [c.as_json() for c in results],
+            }
+        )
+        return
+    console.print(
+        results_table(
+            f"cblocks bench store: medians of {cfg.rounds} interleaved round(s), "
+            f"{machine['nproc']} CPUs, Python {machine['python']}, SQLite {machine['sqlite']}",
+            results,
+        )
+    )
+    for result in results:
+        for note in result.notes:
+            console.print(f"[dim]{result.key}: {note}[/]")

@@ -1,0 +1,100 @@
+"""``cblocks bench store`` runs and reports (tiny sizes; performance is never asserted here)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+
+import pytest
+from typer.testing import CliRunner
+
+from collaborative_blocks.bench._stats import CaseResult, Measurement, interleave
+from collaborative_blocks.cli import app
+
+runner = CliRunner()
+
+
+def test_bench_store_quick_json_reports_every_case() -> None:
+    result = runner.invoke(app, ["bench", "store", "--quick", "--json"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["benchmark"] == "store"
+    assert report["machine"]["nproc"] >= 1
+    assert report["config"]["rounds"] == 1
+    keys = [case["key"] for case in report["cases"]]
+    assert keys == [
+        "a-sqlite-sequential",
+        "b-sqlite-concurrent",
+        "c-sqlite-batch",
+        "d-aggregate-load",
+    ]
+    for case in report["cases"]:
+        baseline = case["measurements"][case["baseline"]]
+        assert len(baseline["samples"]) == 1
+        assert baseline["median"] > 0
+        if case["unavailable"] is None:
+            assert case["measurements"]["ours"]["median"] > 0
+            assert case["ratio"] > 0
+            assert case["met"] in (True, False)
+        else:
+            assert case["ratio"] is None
+            assert case["met"] is None
+
+
+def test_bench_store_quick_table() -> None:
+    result = runner.invoke(app, ["bench", "store", "--quick", "--case", "a,c"])
+    assert result.exit_code == 0, result.stderr
+    assert "raw sqlite3" in result.stdout
+    assert "target" in result.stdout
+    assert "d. load" not in result.stdout
+
+
+def test_bench_store_unknown_case_is_exit_2() -> None:
+    result = runner.invoke(app, ["bench", "store", "--quick", "--case", "z"])
+    assert result.exit_code == 2
+    assert "unknown --case z" in result.stderr
+
+
+def test_bench_store_unreachable_postgres_is_exit_2() -> None:
+    result = runner.invoke(
+        app,
+        ["bench", "store", "--quick", "--case", "b", "--postgres", "postgresql://x@127.0.0.1:1/db"],
+    )
+    assert result.exit_code == 2
+    assert "StoreUnavailableError" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bench_store_non_postgres_url_is_exit_2() -> None:
+    result = runner.invoke(app, ["bench", "store", "--quick", "--postgres", "sqlite:///x.db"])
+    assert result.exit_code == 2
+    assert "not a PostgreSQL URL" in result.stderr
+
+
+async def test_interleave_rotates_who_goes_first_and_keeps_every_sample() -> None:
+    order: list[str] = []
+
+    def contender(name: str, value: float) -> Callable[[], Awaitable[float]]:
+        async def run() -> float:
+            order.append(name)
+            return value
+
+        return run
+
+    case = CaseResult("k", "t", "ops/s", ours="ours", baseline="base", target=2.0)
+    await interleave(
+        case, [("base", contender("base", 10.0)), ("ours", contender("ours", 30.0))], 3
+    )
+    assert order == ["base", "ours", "ours", "base", "base", "ours"]
+    assert case.measurements["ours"].samples == [30.0, 30.0, 30.0]
+    assert case.ratio == pytest.approx(3.0)
+    assert case.met is True
+
+
+def test_unavailable_case_has_no_ratio() -> None:
+    case = CaseResult("k", "t", "ops/s", ours="ours", baseline="base", target=1.0)
+    case.measurements["base"] = Measurement("base", [1.0, 3.0, 2.0])
+    case.unavailable = "ours not available yet"
+    assert case.measurements["base"].median == 2.0
+    assert case.ratio is None
+    assert case.met is None
