@@ -471,8 +471,8 @@ class PostgresEventStore(EventStore):
                 raise EventSerializationError(
                     f"Tracking.position {tracking.position} does not fit a PostgreSQL bigint"
                 )
-        if not any(request.events for request in requests) and tracking is None:
-            return [[] for _ in requests]
+        if not requests and tracking is None:
+            return []
         future: asyncio.Future[list[list[int]]] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(PendingAppend(list(requests), tracking, future))
         return await future
