@@ -1,0 +1,503 @@
+"""The async Repository: save with optimistic concurrency, load by replay, snapshots,
+schema evolution, bad input; on the memory store and (once it exists) SQLite."""
+
+from __future__ import annotations
+
+import sys
+import types
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+from uuid import UUID, uuid4
+
+import pytest
+from eventsourcing.cipher import AESCipher
+from eventsourcing.compressor import ZlibCompressor
+from eventsourcing.domain import Aggregate as PlainAggregate
+from eventsourcing.domain import event
+from eventsourcing.utils import Environment, _topic_cache
+
+from collaborative_blocks.core.aggregates import (
+    Aggregate,
+    Repository,
+    default_mapper,
+    event_clock,
+    stream_for,
+)
+from collaborative_blocks.core.clock import VirtualClock
+from collaborative_blocks.errors import (
+    AggregateNotFoundError,
+    ConcurrencyError,
+    CorruptRecordError,
+    EventSerializationError,
+    TrackingConflictError,
+)
+from collaborative_blocks.stores import EventStore, NewEvent, Tracking, open_store
+from collaborative_blocks.stores.memory import MemoryEventStore
+
+
+class Account(Aggregate):
+    @event("Opened")
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+        self.balance = 0
+
+    @event("Deposited")
+    def deposit(self, amount: int) -> None:
+        self.balance += amount
+
+    @event("Withdrawn")
+    def withdraw(self, amount: int) -> None:
+        if amount > self.balance:
+            raise ValueError("insufficient funds")
+        self.balance -= amount
+
+
+class Ledger(PlainAggregate):
+    """A plain eventsourcing aggregate with hand-written event classes (no @event)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.entries: list[str] = []
+
+    class Posted(PlainAggregate.Event):
+        entry: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.entries.append(self.entry)
+
+    def post(self, entry: str) -> None:
+        self.trigger_event(self.Posted, entry=entry)
+
+
+class Wallet(Aggregate):
+    @event("Created")
+    def __init__(self) -> None:
+        self.amount = Decimal("0")
+        self.note: Any = None
+
+    @event("Credited")
+    def credit(self, amount: Decimal) -> None:
+        self.amount += amount
+
+    @event("Noted")
+    def annotate(self, note: Any) -> None:
+        self.note = note
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(request: pytest.FixtureRequest, cb_sqlite_url: str) -> AsyncIterator[EventStore]:
+    if request.param == "memory":
+        opened: EventStore = MemoryEventStore()
+    else:
+        opened = await open_store(cb_sqlite_url)
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+async def test_save_then_get_replays_the_same_state(store: EventStore) -> None:
+    repo = Repository(store)
+    account = Account(owner="ann")
+    account.deposit(amount=30)
+    account.withdraw(amount=5)
+    positions = await repo.save(account)
+
+    assert len(positions) == 3
+    assert account.pending_events == []
+    loaded = await repo.get(account.id, Account)
+    assert (loaded.owner, loaded.balance, loaded.version) == ("ann", 25, 3)
+    assert loaded == account
+    assert loaded.modified_on == account.modified_on
+
+
+async def test_stream_is_the_canonical_uuid_text(store: EventStore) -> None:
+    repo = Repository(store)
+    account = Account(owner="ann")
+    await repo.save(account)
+    assert stream_for(account.id) == str(account.id)
+    events = await store.read(str(account.id))
+    assert [(e.version, e.topic) for e in events] == [
+        (1, f"{__name__}:Account.Opened"),
+    ]
+
+
+async def test_get_at_an_older_version(store: EventStore) -> None:
+    repo = Repository(store)
+    account = Account(owner="ann")
+    for amount in (1, 2, 3):
+        account.deposit(amount=amount)
+    await repo.save(account)
+    assert (await repo.get(account.id, Account, version=2)).balance == 1
+    assert (await repo.get(account.id, Account, version=4)).balance == 6
+
+
+async def test_missing_aggregate_and_wrong_type_are_not_found(store: EventStore) -> None:
+    repo = Repository(store)
+    account = Account(owner="ann")
+    await repo.save(account)
+    with pytest.raises(AggregateNotFoundError, match="has no events"):
+        await repo.get(uuid4())
+    with pytest.raises(AggregateNotFoundError, match="is a Account, not a Ledger"):
+        await repo.get(account.id, Ledger)
+    assert await repo.contains(account.id)
+    assert not await repo.contains(uuid4())
+
+
+async def test_concurrent_writer_gets_concurrency_error_and_nothing_is_written(
+    store: EventStore,
+) -> None:
+    repo = Repository(store)
+    account = Account(owner="ann")
+    await repo.save(account)
+    first = await repo.get(account.id, Account)
+    second = await repo.get(account.id, Account)
+    first.deposit(amount=10)
+    second.deposit(amount=99)
+    await repo.save(first)
+    before = await store.read(str(account.id))
+
+    with pytest.raises(ConcurrencyError):
+        await repo.save(second)
+
+    assert await store.read(str(account.id)) == before
+    # The loser keeps its pending event: nothing was silently dropped.
+    assert len(second.pending_events) == 1
+    assert (await repo.get(account.id, Account)).balance == 10
+
+
+async def test_multi_aggregate_save_is_all_or_nothing(store: EventStore) -> None:
+    repo = Repository(store)
+    stale_target = Account(owner="bob")
+    await repo.save(stale_target)
+    stale = await repo.get(stale_target.id, Account)
+    fresh = await repo.get(stale_target.id, Account)
+    fresh.deposit(amount=1)
+    await repo.save(fresh)
+    newcomer = Account(owner="new")
+    stale.deposit(amount=2)
+    max_before = await store.max_position()
+
+    with pytest.raises(ConcurrencyError):
+        await repo.save(newcomer, stale)
+
+    assert await store.max_position() == max_before
+    assert not await repo.contains(newcomer.id)
+    await repo.save(newcomer)
+    assert await repo.contains(newcomer.id)
+
+
+async def test_tracking_is_recorded_with_the_events(store: EventStore) -> None:
+    repo = Repository(store)
+    account = Account(owner="ann")
+    await repo.save(account, tracking=Tracking("projector", position=7))
+    assert await store.consumer_position("projector") == 7
+    account.deposit(amount=1)
+    with pytest.raises(TrackingConflictError):
+        await repo.save(account, tracking=Tracking("projector", position=7))
+    assert (await repo.get(account.id, Account)).version == 1
+
+
+async def test_saving_nothing_writes_nothing(store: EventStore) -> None:
+    repo = Repository(store)
+    account = Account(owner="ann")
+    await repo.save(account)
+    assert await repo.save(account) == []
+    assert await repo.save() == []
+    assert await store.max_position() == 1
+
+
+async def test_snapshot_every_n_events_and_load_from_it(store: EventStore) -> None:
+    repo = Repository(store, snapshot_interval=5)
+    account = Account(owner="ann")
+    for _ in range(3):
+        account.deposit(amount=1)
+    await repo.save(account)  # version 4: no multiple of 5 crossed
+    assert await store.latest_snapshot(str(account.id)) is None
+    for _ in range(8):
+        account.deposit(amount=1)
+    await repo.save(account)  # version 12: crossed 5 and 10
+
+    snapshot = await store.latest_snapshot(str(account.id))
+    assert snapshot is not None
+    assert snapshot.version == 12
+    loaded = await repo.get(account.id, Account)
+    assert (loaded.balance, loaded.version) == (11, 12)
+    assert loaded == account
+
+    # Events after the snapshot are replayed on top of it.
+    account.deposit(amount=100)
+    await repo.save(account)
+    assert (await repo.get(account.id, Account)).balance == 111
+    # An older version ignores the newer snapshot and replays from the start.
+    assert (await repo.get(account.id, Account, version=3)).balance == 2
+
+
+async def test_snapshot_is_used_when_loading(store: EventStore) -> None:
+    repo = Repository(store)
+    account = Account(owner="ann")
+    account.deposit(amount=5)
+    await repo.save(account)
+    assert await repo.take_snapshot(account.id) == 2
+    # Rewrite the snapshot's state: if loading replayed from the start, this would not show.
+    snapshot = await store.latest_snapshot(str(account.id))
+    assert snapshot is not None
+    doctored = type(snapshot)(
+        snapshot.stream,
+        snapshot.version,
+        snapshot.topic,
+        snapshot.state.replace(b'"balance":5', b'"balance":500'),
+    )
+    await store.save_snapshot(doctored)
+    assert (await repo.get(account.id, Account)).balance == 500
+
+
+async def test_invalid_snapshot_interval_is_rejected() -> None:
+    with pytest.raises(ValueError, match="snapshot_interval"):
+        Repository(MemoryEventStore(), snapshot_interval=0)
+
+
+async def test_plain_eventsourcing_aggregate_with_custom_apply(store: EventStore) -> None:
+    repo = Repository(store, snapshot_interval=2)
+    ledger = Ledger(name="main")
+    ledger.post("a")
+    ledger.post("b")
+    await repo.save(ledger)
+    ledger.post("c")
+    await repo.save(ledger)
+    loaded = await repo.get(ledger.id, Ledger)
+    assert loaded.entries == ["a", "b", "c"]
+    assert loaded == ledger
+
+
+async def test_event_timestamps_come_from_the_injected_clock(store: EventStore) -> None:
+    repo = Repository(store)
+    clock = VirtualClock(start=1_000.0)
+    with event_clock(clock):
+        account = Account(owner="ann")
+        await clock.advance(60)
+        account.deposit(amount=1)
+    assert account.created_on == datetime.fromtimestamp(1_000.0, tz=UTC)
+    assert account.modified_on == datetime.fromtimestamp(1_060.0, tz=UTC)
+    await repo.save(account)
+    loaded = await repo.get(account.id, Account)
+    assert loaded.modified_on == datetime.fromtimestamp(1_060.0, tz=UTC)
+
+
+async def test_unencodable_event_is_rejected_before_anything_is_written(
+    store: EventStore,
+) -> None:
+    repo = Repository(store)
+    good = Account(owner="ann")
+    wallet = Wallet()
+    wallet.annotate(note=object())
+    with pytest.raises(EventSerializationError, match=r"Wallet\.Noted.*Transcoding"):
+        await repo.save(good, wallet)
+    assert await store.max_position() == 0
+    assert len(wallet.pending_events) == 2
+
+
+async def test_decimals_uuids_and_datetimes_round_trip(store: EventStore) -> None:
+    repo = Repository(store)
+    wallet = Wallet()
+    wallet.credit(amount=Decimal("1.10"))
+    wallet.annotate(note={"by": UUID(int=5), "at": datetime(2020, 1, 1, tzinfo=UTC)})
+    await repo.save(wallet)
+    loaded = await repo.get(wallet.id, Wallet)
+    assert loaded.amount == Decimal("1.10")
+    assert loaded.note == {"by": UUID(int=5), "at": datetime(2020, 1, 1, tzinfo=UTC)}
+
+
+async def test_compressed_and_encrypted_events(store: EventStore) -> None:
+    key = AESCipher.create_key(16)
+    cipher = AESCipher(Environment(env={"CIPHER_KEY": key}))
+    repo = Repository(store, mapper=default_mapper(compressor=ZlibCompressor(), cipher=cipher))
+    account = Account(owner="secret-owner")
+    account.deposit(amount=3)
+    await repo.save(account)
+    raw = await store.read(str(account.id))
+    assert all(b"secret-owner" not in e.state for e in raw)
+    assert (await repo.get(account.id, Account)).owner == "secret-owner"
+
+    plain = Repository(store)
+    with pytest.raises(CorruptRecordError, match="cannot be decoded"):
+        await plain.get(account.id)
+
+
+async def test_corrupt_state_and_unknown_topic_are_typed_errors(store: EventStore) -> None:
+    repo = Repository(store)
+    account = Account(owner="ann")
+    await repo.save(account)
+    account_id = str(account.id)
+    await store.append(
+        account_id,
+        [NewEvent(topic=f"{__name__}:Account.Deposited", state=b"{not json")],
+        expected_version=1,
+    )
+    with pytest.raises(CorruptRecordError, match="version 2"):
+        await repo.get(account.id)
+
+    other = uuid4()
+    await store.append(str(other), [NewEvent(topic="nowhere.module:Gone", state=b"{}")])
+    with pytest.raises(CorruptRecordError, match="register_topic"):
+        await repo.get(other)
+
+
+async def test_interoperates_with_eventsourcing_mapper(store: EventStore) -> None:
+    """Our stored rows decode with eventsourcing's own Mapper into the same events."""
+    from eventsourcing.persistence import StoredEvent as ESStoredEvent
+
+    repo = Repository(store)
+    account = Account(owner="ann")
+    account.deposit(amount=4)
+    expected = list(account.pending_events)
+    await repo.save(account)
+    mapper = default_mapper()
+    decoded = [
+        mapper.to_domain_event(
+            ESStoredEvent(
+                originator_id=e.stream, originator_version=e.version, topic=e.topic, state=e.state
+            )
+        )
+        for e in await store.read(str(account.id))
+    ]
+    assert decoded == expected
+
+
+# -- schema evolution: a v1 class writes, a v2 class reads -------------------------------------
+
+SCHEMA_MODULE = "cb_test_schema_evolution_accounts"
+
+ACCOUNT_V1 = """
+from eventsourcing.domain import event
+from collaborative_blocks.core.aggregates import Aggregate
+
+class Customer(Aggregate):
+    @event("Registered")
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @event("Moved")
+    def move(self, address: str) -> None:
+        self.address = address
+"""
+
+# Version 2 splits the name, records a country on moves, and upcasts the old events
+# (and old snapshots of the aggregate itself).
+ACCOUNT_V2 = """
+from typing import Any
+from eventsourcing.domain import event
+from collaborative_blocks.core.aggregates import Aggregate
+
+class Customer(Aggregate):
+    class_version = 2
+
+    class Registered(Aggregate.Created):
+        class_version = 2
+        first: str
+        last: str
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            first, _, last = state.pop("name").partition(" ")
+            state["first"] = first
+            state["last"] = last
+
+    @event(Registered)
+    def __init__(self, first: str, last: str) -> None:
+        self.first = first
+        self.last = last
+
+    class Moved(Aggregate.Event):
+        class_version = 2
+        address: str
+        country: str
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["country"] = "unknown"
+
+    @event(Moved)
+    def move(self, address: str, country: str) -> None:
+        self.address = address
+        self.country = country
+
+    @staticmethod
+    def upcast_v1_v2(state: dict[str, Any]) -> None:
+        first, _, last = state.pop("name").partition(" ")
+        state["first"] = first
+        state["last"] = last
+        state.setdefault("country", "unknown")
+"""
+
+
+def _install_module(source: str) -> types.ModuleType:
+    """(Re)define the module, forgetting topics resolved for its previous definition."""
+    for topic in [t for t in _topic_cache if t.startswith(SCHEMA_MODULE)]:
+        del _topic_cache[topic]
+    from eventsourcing.utils import _type_cache
+
+    for cls in [c for c in _type_cache if getattr(c, "__module__", "") == SCHEMA_MODULE]:
+        del _type_cache[cls]
+    module = types.ModuleType(SCHEMA_MODULE)
+    sys.modules[SCHEMA_MODULE] = module
+    exec(compile(source, f"<{SCHEMA_MODULE}>", "exec"), module.__dict__)
+    return module
+
+
+@pytest.fixture
+def schema_module() -> Iterator[None]:
+    yield
+    sys.modules.pop(SCHEMA_MODULE, None)
+    for topic in [t for t in _topic_cache if t.startswith(SCHEMA_MODULE)]:
+        del _topic_cache[topic]
+
+
+@pytest.mark.usefixtures("schema_module")
+async def test_v1_events_load_into_v2_through_upcasters(store: EventStore) -> None:
+    v1 = _install_module(ACCOUNT_V1)
+    customer = v1.Customer(name="Ada Lovelace")
+    customer.move(address="London")
+    await Repository(store).save(customer)
+
+    v2 = _install_module(ACCOUNT_V2)
+    loaded = await Repository(store).get(customer.id, v2.Customer)
+    assert (loaded.first, loaded.last) == ("Ada", "Lovelace")
+    assert (loaded.address, loaded.country) == ("London", "unknown")
+    assert not hasattr(loaded, "name")
+
+    # v2 writes v2 events after the upcast ones, and both replay.
+    loaded.move(address="Paris", country="FR")
+    repo = Repository(store)
+    await repo.save(loaded)
+    again = await repo.get(customer.id, v2.Customer)
+    assert (again.address, again.country, again.version) == ("Paris", "FR", 3)
+
+
+@pytest.mark.usefixtures("schema_module")
+async def test_v1_snapshot_loads_into_v2_through_the_aggregate_upcaster(
+    store: EventStore,
+) -> None:
+    v1 = _install_module(ACCOUNT_V1)
+    customer = v1.Customer(name="Grace Hopper")
+    customer.move(address="NYC")
+    repo = Repository(store)
+    await repo.save(customer)
+    await repo.take_snapshot(customer.id)
+
+    v2 = _install_module(ACCOUNT_V2)
+    loaded = await Repository(store).get(customer.id, v2.Customer)
+    assert (loaded.first, loaded.last, loaded.address) == ("Grace", "Hopper", "NYC")
+    assert loaded.country == "unknown"
+
+
+@pytest.mark.usefixtures("schema_module")
+async def test_missing_upcaster_is_a_typed_error(store: EventStore) -> None:
+    v1 = _install_module(ACCOUNT_V1)
+    customer = v1.Customer(name="Ada Lovelace")
+    await Repository(store).save(customer)
+    _install_module(ACCOUNT_V2.replace("def upcast_v1_v2", "def upcast_gone"))
+    with pytest.raises(CorruptRecordError, match="upcast_v1_v2"):
+        await Repository(store).get(customer.id)
