@@ -126,7 +126,7 @@ class StoreBridge:
     def store(self) -> EventStore:
         """The bridged store. Its coroutines must run on this bridge (use :meth:`call`)."""
         if self._store is None:
-            raise StoreClosedError("the eventsourcing bridge has no open store; open a new one")
+            raise self._closed_error()
         return self._store
 
     @property
@@ -160,11 +160,14 @@ class StoreBridge:
         with self._lock:
             if self._closed:
                 coroutine.close()
-                raise StoreClosedError(
-                    f"the store {getattr(self, 'url', '')} behind this eventsourcing "
-                    "recorder is closed; construct a new application or factory"
-                )
+                raise self._closed_error()
             return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+
+    def _closed_error(self) -> StoreClosedError:
+        return StoreClosedError(
+            f"the store {getattr(self, 'url', '')} behind this eventsourcing recorder is "
+            "closed; construct a new application (or infrastructure factory)"
+        )
 
     def close(self) -> None:
         """Close the store and stop the thread (idempotent; safe from any thread)."""
@@ -622,8 +625,9 @@ class EventStoreSubscription(Subscription[EventStoreApplicationRecorder]):
 class EventStoreFactory(InfrastructureFactory[EventStoreTrackingRecorder]):
     """The infrastructure factory eventsourcing constructs for this persistence module.
 
-    Opens the store named by ``EVENT_STORE_URL`` once, on its own bridge thread; every
-    recorder it makes shares it. :meth:`close` closes the store and ends the thread.
+    Opens the store named by ``EVENT_STORE_URL`` once, when the first recorder is made, on its
+    own bridge thread; every recorder it makes shares it. :meth:`close` closes the store and
+    ends the thread.
     """
 
     EVENT_STORE_URL = "EVENT_STORE_URL"
@@ -649,7 +653,27 @@ class EventStoreFactory(InfrastructureFactory[EventStoreTrackingRecorder]):
                 "(canonical UUID stream ids come back as UUID objects, the default) or 'text'"
             )
         self.originator_id_type = cast(OriginatorIdType, id_type)
-        self.bridge = StoreBridge(url, name=self.env.name)
+        self.url = url
+        self._bridge: StoreBridge | None = None
+        self._bridge_lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def bridge(self) -> StoreBridge:
+        """The store's bridge, opened by the first recorder.
+
+        Lazily, because eventsourcing also constructs factories only to make a mapper (a
+        ``Follower`` does so for each application it follows) and never closes them.
+        """
+        with self._bridge_lock:
+            if self._closed:
+                raise StoreClosedError(
+                    "this eventsourcing infrastructure factory is closed; construct a new "
+                    "application (or factory) to use the store again"
+                )
+            if self._bridge is None:
+                self._bridge = StoreBridge(self.url, name=self.env.name)
+            return self._bridge
 
     def aggregate_recorder(self, purpose: str = "events") -> AggregateRecorder:
         if purpose == "snapshots":
@@ -706,4 +730,8 @@ class EventStoreFactory(InfrastructureFactory[EventStoreTrackingRecorder]):
         return resolved
 
     def close(self) -> None:
-        self.bridge.close()
+        with self._bridge_lock:
+            self._closed = True
+            bridge, self._bridge = self._bridge, None
+        if bridge is not None:
+            bridge.close()
