@@ -62,7 +62,7 @@ import inspect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, ClassVar, Generic, Literal, TypeVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar, cast
 
 from eventsourcing.domain import CanMutateAggregate, event
 from transitions import EventData, Machine
@@ -157,6 +157,9 @@ def _as_guards(guards: Guard | Iterable[Guard]) -> tuple[Guard, ...]:
     if isinstance(guards, str | property) or callable(guards):
         return (guards,)
     return tuple(guards)
+
+
+_Declaration = tuple[Callable[..., None], tuple[_TransitionSpec, ...], str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,7 +284,11 @@ class StateMachineAggregate(Aggregate, Generic[S]):
     trigger would be accepted now.
     """
 
-    lifecycle: ClassVar[Lifecycle[Any]]
+    # Declared for type checkers only: eventsourcing turns a class with annotations into a
+    # dataclass, whose generated __init__ would shadow the subclasses' inherited ones.
+    if TYPE_CHECKING:
+        lifecycle: ClassVar[Lifecycle[Any]]
+        _cb_declarations: ClassVar[dict[str, _Declaration]]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         pending: list[tuple[str, Callable[..., None], tuple[_TransitionSpec, ...], str]] = []
@@ -334,7 +341,7 @@ class StateMachineAggregate(Aggregate, Generic[S]):
                     f"{cls.__qualname__}: state {member!r} has a non-string value; the value "
                     "is what events store, so give every state a str value"
                 )
-        declarations = dict(getattr(cls, "_cb_declarations", {}))
+        declarations: dict[str, _Declaration] = dict(getattr(cls, "_cb_declarations", {}))
         for name, func, specs, event_name in pending:
             declarations[name] = (func, specs, event_name)
         machine = Machine(
@@ -367,10 +374,6 @@ class StateMachineAggregate(Aggregate, Generic[S]):
             lifecycle.triggers[name] = _Trigger(name, event_class, inspect.signature(func))
         cls._cb_declarations = declarations
         cls.lifecycle = lifecycle
-
-    _cb_declarations: ClassVar[
-        dict[str, tuple[Callable[..., None], tuple[_TransitionSpec, ...], str]]
-    ] = {}
 
     @staticmethod
     def _state_value(states: type[enum.Enum], state: object, trigger: str) -> str:
@@ -434,8 +437,12 @@ class StateMachineAggregate(Aggregate, Generic[S]):
         try:
             bound = spec.signature.bind(self, *args, **kwargs)
         except TypeError as error:
+            expected = ", ".join(
+                str(p.replace(annotation=inspect.Parameter.empty))
+                for p in list(spec.signature.parameters.values())[1:]
+            )
             raise CommandArgumentsError(
-                f"{lifecycle.owner}.{trigger}{spec.signature}: {error}. Nothing was recorded."
+                f"{lifecycle.owner}.{trigger}({expected}): {error}. Nothing was recorded."
             ) from None
         bound.apply_defaults()
         payload = dict(bound.arguments)
