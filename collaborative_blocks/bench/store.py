@@ -100,7 +100,7 @@ def _fresh_dir() -> Iterator[Path]:
 
 
 def _sqlite_url(path: Path) -> str:
-    return f"sqlite+aiosqlite:///{path}"
+    return f"sqlite+aiosqlite:///{path}?synchronous=FULL"
 
 
 def _create_sqlite_schema(path: Path) -> None:

@@ -254,7 +254,8 @@ def stats_command(
                 }
             )
             return
-        summary = Table(title=f"event log {es.url}", show_header=False)
+        summary = Table(title="event log", show_header=False)
+        summary.add_row("store", es.url)
         summary.add_row("events", str(stats.events))
         summary.add_row("streams", str(stats.streams))
         summary.add_row("last position", str(stats.max_position))

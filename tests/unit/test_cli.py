@@ -7,6 +7,7 @@ import json
 import sys
 import types
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -213,3 +214,60 @@ def test_plugins_lists_builtins_and_p_plugins_with_their_hooks() -> None:
     code, out, _ = cblocks("plugins")
     assert code == 0
     assert PLUGIN in out
+
+
+def test_demo_on_memory_holds_its_invariants() -> None:
+    code, out, err = cblocks(
+        "demo",
+        "--store",
+        "memory://",
+        "--accounts",
+        "3",
+        "--workers",
+        "4",
+        "--commands",
+        "5",
+        "--seed",
+        "7",
+        "--json",
+    )
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["ok"] is True
+    assert report["transfers"] + report["declined"] + report["deposits"] == 20
+    assert report["money_found"] == report["money_expected"]
+    assert report["projection_position"] == report["last_position"]
+    assert {c["name"] for c in report["checks"]} >= {
+        "money conserved",
+        "projection caught up",
+        "illegal transition refused",
+    }
+
+
+def test_demo_is_rerunnable_on_the_same_sqlite_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    runs = []
+    for _ in range(2):
+        # The default store: EVENT_STORE_URL unset means cb-data/events.db under the cwd.
+        monkeypatch.delenv("EVENT_STORE_URL", raising=False)
+        code, out, err = cblocks("demo", "--workers", "3", "--commands", "4", "--json")
+        assert code == 0, err
+        runs.append(json.loads(out))
+    assert runs[0]["store"] == runs[1]["store"] == "sqlite+aiosqlite:///cb-data/events.db"
+    assert runs[0]["run"] != runs[1]["run"]
+    assert runs[1]["first_position"] == runs[0]["last_position"] + 1
+    code, out, _ = cblocks("demo", "--workers", "2", "--commands", "2")
+    assert code == 0
+    assert "all invariants hold" in out
+
+
+def test_demo_exits_1_when_an_invariant_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    from collaborative_blocks.cli import demo
+
+    # A projection that drops every event can neither agree nor be trusted.
+    monkeypatch.setattr(demo.BalanceProjection, "_apply", lambda self, stored: None)
+    code, out, _ = cblocks("demo", "--store", "memory://", "--workers", "2", "--commands", "2")
+    assert code == 1
+    assert "an invariant failed" in out
