@@ -423,7 +423,7 @@ class StateMachineAggregate(Aggregate, Generic[S]):
         """Whether ``trigger`` with ``payload`` would be accepted now (guards evaluated)."""
         try:
             self._select(trigger, self._bind(trigger, (), payload))
-        except IllegalTransitionError:
+        except (IllegalTransitionError, CommandArgumentsError):
             return False
         return True
 
