@@ -23,6 +23,7 @@ from eventsourcing.persistence import (
     Notification,
     StoredEvent,
 )
+from eventsourcing.projection import EventSourcedProjectionRunner
 from eventsourcing.system import ProcessApplication, SingleThreadedRunner, System
 from eventsourcing.utils import Environment
 
@@ -302,6 +303,28 @@ async def test_a_process_application_records_tracking_with_its_events(
         assert len(counter_events) == 4  # Started + three increments
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_a_projection_runner_follows_the_live_subscription(kind: str, tmp_path: Path) -> None:
+    def url(name: str) -> str:
+        return "memory://" if kind == "memory" else f"sqlite+aiosqlite:///{tmp_path / name}"
+
+    env = {
+        "PERSISTENCE_MODULE": MODULE,
+        "BANKACCOUNTS_EVENT_STORE_URL": url("accounts.db"),
+        "DEPOSITCOUNTS_EVENT_STORE_URL": url("counts.db"),
+    }
+    with EventSourcedProjectionRunner(
+        application_class=BankAccounts, projection_class=DepositCounts, env=env
+    ) as runner:
+        account_id = runner.app.open_account("Hal")
+        for amount in (1, 2, 3):
+            runner.app.deposit(account_id, amount)
+        last = runner.app.recorder.max_notification_id()
+        runner.wait(last, timeout=30)
+        assert runner.projection.count(account_id) == 3
+        assert runner.projection.recorder.max_tracking_id("BankAccounts") == last
 
 
 # -- mapping details, on the memory store -------------------------------------------------------
