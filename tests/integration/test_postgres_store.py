@@ -8,10 +8,14 @@ connection killed by the server, an unreachable server, corrupt rows.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 
 import asyncpg
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from collaborative_blocks.errors import (
     ConcurrencyError,
@@ -507,3 +511,91 @@ async def test_open_store_picks_postgres_for_every_scheme_spelling(url: str) -> 
             await opened.append(scheme, _events(1))
         finally:
             await opened.close()
+
+
+# -- property: random interleavings of concurrent appends ------------------------------------
+
+
+@dataclass(frozen=True)
+class _Op:
+    stream: int
+    size: int
+    check: str  # "none": expected_version=None; "read": the version just read; "new": 0
+    yields: int  # how often the task lets others run before appending
+
+
+_ops = st.builds(
+    _Op,
+    stream=st.integers(0, 2),
+    size=st.integers(0, 3),
+    check=st.sampled_from(["none", "read", "new"]),
+    yields=st.integers(0, 3),
+)
+_example_numbers = itertools.count()
+
+
+@settings(
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(tasks=st.lists(st.lists(_ops, min_size=1, max_size=4), min_size=2, max_size=6))
+async def test_concurrent_appends_keep_versions_order_and_subscribers_exact(
+    url: str, tasks: list[list[_Op]]
+) -> None:
+    # One database for all examples; each example writes streams of its own.
+    prefix = f"ex{next(_example_numbers)}"
+    store = await open_postgres_store(url)
+    start = await store.max_position() + 1
+    subscription = store.subscribe(from_position=start)
+    acknowledged: dict[int, tuple[str, bytes]] = {}
+    conflicts: list[tuple[int | None, ConcurrencyError]] = []
+    try:
+
+        async def run(task: int, ops: list[_Op]) -> None:
+            for n, op in enumerate(ops):
+                stream = f"{prefix}-{op.stream}"
+                for _ in range(op.yields):
+                    await asyncio.sleep(0)
+                expected = {"none": None, "new": 0}.get(op.check)
+                if op.check == "read":
+                    expected = await store.stream_version(stream)
+                events = [NewEvent("P", f"{task}:{n}:{j}".encode()) for j in range(op.size)]
+                try:
+                    positions = await store.append(stream, events, expected_version=expected)
+                except ConcurrencyError as error:
+                    conflicts.append((expected, error))
+                    continue
+                assert len(positions) == op.size
+                assert positions == sorted(set(positions))
+                for position, event in zip(positions, events, strict=True):
+                    assert position not in acknowledged
+                    acknowledged[position] = (stream, event.state)
+
+        await asyncio.gather(*(run(task, ops) for task, ops in enumerate(tasks)))
+        for expected, error in conflicts:
+            assert expected is not None, "an unchecked append must not conflict"
+            assert error.expected == expected
+            assert error.actual != expected
+
+        seen: list[StoredEvent] = []
+        await _collect(subscription, len(acknowledged), seen)
+        log = [e for e in await store.read_all(from_position=start)]
+        assert log == seen, "the subscriber's view differs from the log"
+        assert {e.position: (e.stream, e.state) for e in log} == acknowledged
+        _assert_in_order_once(log)
+        for k in range(3):
+            stream_events = await store.read(f"{prefix}-{k}")
+            assert [e.version for e in stream_events] == list(range(1, len(stream_events) + 1))
+            # Versions and positions agree on the order of a stream's events.
+            assert [e.position for e in stream_events] == sorted(e.position for e in stream_events)
+            # Each append's events sit together, in the order they were given.
+            by_append: dict[tuple[str, str], list[int]] = {}
+            for event in stream_events:
+                task_id, op_id, index = event.state.decode().split(":")
+                by_append.setdefault((task_id, op_id), []).append(int(index))
+            for indexes in by_append.values():
+                assert indexes == list(range(len(indexes)))
+    finally:
+        await subscription.aclose()  # type: ignore[attr-defined]
+        await store.close()
