@@ -34,7 +34,8 @@ def _rate(value: float | None) -> str:
 
 
 def _ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
+    # Three significant digits, so 0.748 is not shown as a "met" 0.75.
+    return "-" if value is None else f"{value:.3g}x"
 
 
 def results_table(title: str, cases: list[CaseResult]) -> Table:
