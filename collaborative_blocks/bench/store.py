@@ -60,10 +60,10 @@ CASES = ("a", "b", "c", "d")
 class StoreBenchConfig:
     """Sizes and options; :meth:`quick` gives tiny sizes for tests."""
 
-    rounds: int = 5
+    rounds: int = 7
     postgres: str | None = None
     cases: tuple[str, ...] = CASES
-    sequential_appends: int = 1000
+    sequential_appends: int = 2000
     concurrent_tasks: int = 64
     appends_per_task: int = 40
     batches: int = 40

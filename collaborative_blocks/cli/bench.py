@@ -34,8 +34,10 @@ def _rate(value: float | None) -> str:
 
 
 def _ratio(value: float | None) -> str:
-    # Three significant digits, so 0.748 is not shown as a "met" 0.75.
-    return "-" if value is None else f"{value:.3g}x"
+    if value is None:
+        return "-"
+    # Three decimals below 1, so 0.748 is not shown as a "met" 0.75.
+    return f"{value:.2f}x" if value >= 1 else f"{value:.3f}x"
 
 
 def results_table(title: str, cases: list[CaseResult]) -> Table:
@@ -80,9 +82,39 @@ def results_table(title: str, cases: list[CaseResult]) -> Table:
     return table
 
 
+def results_markdown(cases: list[CaseResult]) -> str:
+    """The results as a Markdown table (what docs/benchmarks.md holds)."""
+    lines = [
+        "| case | ours | baseline | ratio | target | met? |",
+        "|---|---:|---:|---:|---:|:---:|",
+    ]
+    for case in cases:
+        ours = case.measurements.get(case.ours)
+        base = case.measurements.get(case.baseline)
+        met = "n/a" if case.unavailable is not None else ("yes" if case.met else "**no**")
+        lines.append(
+            f"| {case.title} vs {case.baseline} "
+            f"| {'-' if ours is None else _rate(ours.median)} {case.unit} "
+            f"| {'-' if base is None else _rate(base.median)} {case.unit} "
+            f"| {_ratio(case.ratio)} | >= {case.target:g}x | {met} |"
+        )
+        for name, measurement in case.measurements.items():
+            if name not in (case.ours, case.baseline):
+                lines.append(
+                    f"| &nbsp;&nbsp;context: {name} | {_rate(measurement.median)} {case.unit} "
+                    f"| | {_ratio(case.ratio_to_baseline(name))} | | |"
+                )
+        if case.unavailable is not None:
+            lines.append(f"| &nbsp;&nbsp;{case.unavailable} | | | | | |")
+    return "\n".join(lines)
+
+
 @app.command("store")
 def store_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+    markdown: Annotated[
+        bool, typer.Option("--markdown", help="Print the table as Markdown (for the docs).")
+    ] = False,
     quick: Annotated[bool, typer.Option("--quick", help="Tiny sizes, one round (tests).")] = False,
     postgres: Annotated[
         str | None,
@@ -114,7 +146,7 @@ def store_command(
     command = "cblocks " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "cblocks bench store"
 
     async def main() -> list[CaseResult]:
-        if as_json:
+        if as_json or markdown:
             return await run_store_bench(cfg)
         progress = Progress(
             TextColumn("[progress.description]{task.description}"),
@@ -156,6 +188,13 @@ def store_command(
                 "cases": [c.as_json() for c in results],
             }
         )
+        return
+    if markdown:
+        print(
+            f"`{command}`: medians of {cfg.rounds} interleaved round(s); {machine['nproc']} "
+            f"CPUs, Python {machine['python']}, SQLite {machine['sqlite']}\n"
+        )
+        print(results_markdown(results))
         return
     console.print(
         results_table(

@@ -98,3 +98,11 @@ def test_unavailable_case_has_no_ratio() -> None:
     assert case.measurements["base"].median == 2.0
     assert case.ratio is None
     assert case.met is None
+
+
+def test_bench_store_markdown_for_the_docs() -> None:
+    result = runner.invoke(app, ["bench", "store", "--quick", "--case", "c", "--markdown"])
+    assert result.exit_code == 0, result.stderr
+    assert "| case | ours | baseline | ratio | target | met? |" in result.stdout
+    assert "raw sqlite3 executemany" in result.stdout
+    assert "medians of 1 interleaved round(s)" in result.stdout
