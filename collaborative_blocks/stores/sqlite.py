@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 import queue
 import sqlite3
 import threading
@@ -76,6 +77,10 @@ MAX_GROUP: Final = 512
 # How long a connection waits for another process's write lock before giving up (seconds).
 BUSY_TIMEOUT: Final = 10.0
 READER_THREADS: Final = 2
+# How many times the idle writer polls its queue (yielding in between) before it blocks.
+SPIN_TURNS: Final = 100
+# Stream versions the writer remembers between transactions (then it starts over).
+VERSION_CACHE_LIMIT: Final = 100_000
 # SQLite's "no limit" and "no upper bound", so one compiled statement serves every call.
 NO_LIMIT: Final = -1
 MAX_INT64: Final = 2**63 - 1
@@ -151,8 +156,9 @@ class _Statements:
 
     def __init__(self) -> None:
         e = sql.events.c
+        # The stream is known: not fetching it saves a string per row on long replays.
         stream_range = (
-            select(*_EVENT_COLUMNS)
+            select(e.version, e.position, e.topic, e.state)
             .where(
                 e.stream == bindparam("stream"),
                 e.version >= bindparam("lo"),
@@ -249,7 +255,14 @@ _W_SNAPSHOT = (
 
 
 def _to_events(rows: list[Any], path: Path) -> list[StoredEvent]:
-    events = [StoredEvent(*row) for row in rows]
+    return _checked([StoredEvent(*row) for row in rows], path)
+
+
+def _to_stream_events(stream: str, rows: list[Any], path: Path) -> list[StoredEvent]:
+    return _checked([StoredEvent(stream, v, p, t, s) for v, p, t, s in rows], path)
+
+
+def _checked(events: list[StoredEvent], path: Path) -> list[StoredEvent]:
     for event in events:
         # One pass of exact type checks: a row edited by hand (or by another program) must
         # fail loudly here rather than as a confusing error deep inside a Mapper.
@@ -336,6 +349,9 @@ class _Writer:
             target=self._run, name=f"cb-sqlite-writer:{path.name}", daemon=True
         )
         self._conn: sqlite3.Connection | None = None
+        self._versions: dict[str, int | None] = {}
+        self._last_position: int | None = None
+        self._data_version: int | None = None
         self._ready: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
 
     async def start(self) -> None:
@@ -366,9 +382,9 @@ class _Writer:
             self._conn.close()
 
     def _serve(self, conn: sqlite3.Connection) -> None:
-        get, get_nowait = self.queue.get, self.queue.get_nowait
+        get_nowait = self.queue.get_nowait
         while True:
-            group: list[_Job] = [get()]
+            group: list[_Job] = [self._next_job()]
             while len(group) < MAX_GROUP:
                 try:
                     group.append(get_nowait())
@@ -383,6 +399,19 @@ class _Writer:
                 # close() refuses new work before it queues the stop, so nothing follows it.
                 self._send([_Outcome(stop) for stop in stops], False)
                 return
+
+    def _next_job(self) -> _Job:
+        get_nowait = self.queue.get_nowait
+        # A caller that appends in a loop sends its next append a few microseconds after
+        # its result arrives. Waking a blocked thread costs tens of microseconds on a busy
+        # or virtual machine, a large share of a commit, so stay runnable for a moment
+        # (yielding the CPU and the GIL on every turn) before blocking.
+        for _ in range(SPIN_TURNS):
+            try:
+                return get_nowait()
+            except queue.Empty:
+                os.sched_yield()
+        return self.queue.get()
 
     def _send(self, outcomes: list[_Outcome], wrote: bool) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
@@ -433,14 +462,22 @@ class _Writer:
     ) -> tuple[list[_Outcome], bool]:
         try:
             conn.execute("BEGIN IMMEDIATE")
-            row = conn.execute(_W_MAX_POSITION).fetchone()
-            next_position = (row[0] or 0) + 1
-            first_position = next_position
+            # The caches below hold committed state; data_version changes exactly when
+            # another connection (another process) committed, which makes them stale.
+            data_version = conn.execute("PRAGMA data_version").fetchone()[0]
+            if data_version != self._data_version or self._last_position is None:
+                self._versions.clear()
+                self._last_position = conn.execute(_W_MAX_POSITION).fetchone()[0] or 0
+                self._data_version = data_version
+            first_position = next_position = self._last_position + 1
+            pending: dict[str, int | None] = {}
             outcomes: list[_Outcome] = []
             for job in jobs:
                 if isinstance(job, _AppendJob):
                     try:
-                        positions, next_position = _apply_append(conn, job, next_position)
+                        positions, next_position = _apply_append(
+                            conn, job, next_position, pending, self._versions
+                        )
                     except (ConcurrencyError, TrackingConflictError, DuplicateMessageError) as e:
                         # Raised before this job wrote anything, so the others are unaffected.
                         outcomes.append(_Outcome(job, error=e))
@@ -452,39 +489,57 @@ class _Writer:
                     outcomes.append(_Outcome(job))
             conn.execute("COMMIT")
         except Exception as exc:
+            # Whether a failed COMMIT left anything behind is not ours to guess: re-read.
+            self._last_position = None
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
             raise _UnexpectedError() from exc
+        self._last_position = next_position - 1
+        if len(self._versions) > VERSION_CACHE_LIMIT:
+            self._versions.clear()
+        self._versions.update(pending)
         return outcomes, next_position > first_position
 
 
 def _apply_append(
-    conn: sqlite3.Connection, job: _AppendJob, next_position: int
+    conn: sqlite3.Connection,
+    job: _AppendJob,
+    next_position: int,
+    pending: dict[str, int | None],
+    committed: dict[str, int | None],
 ) -> tuple[list[list[int]], int]:
     """Check, then write, one caller's append inside the open transaction.
 
     Every check comes before the first write, so a refused append leaves no trace.
+    ``pending`` holds the versions this transaction wrote so far, ``committed`` the cached
+    committed versions (None: the stream has no events); both are updated in place.
     """
     planned: dict[str, int] = {}
     plan: list[tuple[AppendRequest, int]] = []
     for request in job.requests:
-        current = planned.get(request.stream)
-        if current is None:
-            row = conn.execute(_W_STREAM_VERSION, (request.stream,)).fetchone()
-            has_events = row[0] is not None
-            current = row[0] if has_events else 0
+        stream = request.stream
+        last: int | None
+        if stream in planned:
+            last = planned[stream]
+        elif stream in pending:
+            last = pending[stream]
+        elif stream in committed:
+            last = committed[stream]
         else:
-            has_events = True
+            # Nothing of this stream was written in this transaction: this is committed state.
+            last = conn.execute(_W_STREAM_VERSION, (stream,)).fetchone()[0]
+            committed[stream] = last
+        current = 0 if last is None else last
         if request.expected_version is not None and request.expected_version != current:
-            raise ConcurrencyError(request.stream, request.expected_version, current)
+            raise ConcurrencyError(stream, request.expected_version, current)
         if request.first_version is not None:
-            if has_events and request.first_version <= current:
-                raise ConcurrencyError(request.stream, request.first_version - 1, current)
+            if last is not None and request.first_version <= current:
+                raise ConcurrencyError(stream, request.first_version - 1, current)
             current = request.first_version - 1
         plan.append((request, current + 1))
         if request.events:
-            planned[request.stream] = current + len(request.events)
+            planned[stream] = current + len(request.events)
     tracking = job.tracking
     if tracking is not None:
         if tracking.position is not None:
@@ -525,6 +580,7 @@ def _apply_append(
             conn.execute(_W_SET_CONSUMER, (tracking.consumer, tracking.position))
         if tracking.message_id is not None:
             conn.execute(_W_ADD_INBOX, (tracking.consumer, tracking.message_id, tracking.position))
+    pending.update(planned)
     return results, next_position
 
 
@@ -748,7 +804,9 @@ class SQLiteEventStore(EventStore):
         )
         path = self.path
         return await self._read(
-            lambda conn: _to_events(conn.execute(statement.text, params).fetchall(), path)
+            lambda conn: _to_stream_events(
+                stream, conn.execute(statement.text, params).fetchall(), path
+            )
         )
 
     async def read_all(
