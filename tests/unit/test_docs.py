@@ -13,6 +13,8 @@ import ast
 import asyncio
 import inspect
 import re
+import sys
+import types
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +42,11 @@ def blocks(path: Path) -> list[tuple[int, str]]:
 async def test_doc_code_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("EVENT_STORE_URL", f"sqlite+aiosqlite:///{tmp_path / 'events.db'}")
-    namespace: dict[str, Any] = {"__name__": "__doc__"}
+    # A real (temporary) module, because some libraries import the module a class is defined
+    # in: eventsourcing's Aggregate does, on class creation, and resolves event topics by it.
+    module = types.ModuleType(f"cb_doc_{path.stem.replace('-', '_')}")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    namespace: dict[str, Any] = module.__dict__
     for line, source in blocks(path):
         code = compile(
             ast.parse(source, f"{path.name}:{line}"),
