@@ -162,10 +162,12 @@ def read_command(
         es = await _open(ctx, store)
         try:
             if stream is not None:
-                events = await es.read(stream, from_version=from_version)
                 if topics:
-                    events = [e for e in events if e.topic in topics]
-                events = events[:limit]
+                    # The store filters by topic only across the log; a stream is short.
+                    events = await es.read(stream, from_version=from_version)
+                    events = [e for e in events if e.topic in topics][:limit]
+                else:
+                    events = await es.read(stream, from_version=from_version, limit=limit)
                 title = f"{stream} in {es.url}"
             else:
                 events = await es.read_all(from_position=from_position, limit=limit, topics=topics)

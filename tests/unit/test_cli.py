@@ -271,3 +271,25 @@ def test_demo_exits_1_when_an_invariant_fails(monkeypatch: pytest.MonkeyPatch) -
     code, out, _ = cblocks("demo", "--store", "memory://", "--workers", "2", "--commands", "2")
     assert code == 1
     assert "an invariant failed" in out
+
+
+def test_unreachable_database_is_a_message_and_exit_2() -> None:
+    # Port 1 refuses connections at once: no server needed, nothing waits.
+    code, _, err = cblocks(
+        "events", "stats", "--store", "postgresql+asyncpg://postgres@127.0.0.1:1/nothing"
+    )
+    assert code == 2
+    assert "StoreUnavailableError" in err
+    assert "Traceback" not in err
+
+
+def test_read_stream_with_limit_and_topic() -> None:
+    code, out, _ = cblocks(
+        "events", "read", "account-1", "--limit", "1", "--store", "fixture://", "--json"
+    )
+    assert code == 0
+    assert [e["topic"] for e in json.loads(out)] == ["Opened"]
+    code, out, _ = cblocks(
+        "events", "read", "account-1", "--topic", "Deposited", "--store", "fixture://", "--json"
+    )
+    assert [e["version"] for e in json.loads(out)] == [2]
