@@ -232,3 +232,7 @@ class TransportUnavailableError(MessagingError):
 
 class DeadLetterNotFoundError(MessagingError, LookupError):
     """No dead letter has the id that was asked for; list them with ``cblocks dlq list``."""
+
+
+class PublishTimeoutError(MessagingError, TimeoutError):
+    """The transport did not accept a message in time (consumers are lagging: backpressure)."""

@@ -139,6 +139,9 @@ class Message:
     def with_header(self, name: str, value: str) -> Message:
         return replace(self, headers={**self.headers, name: value})
 
+    def with_headers(self, headers: Mapping[str, str]) -> Message:
+        return replace(self, headers=headers)
+
     def to_dict(self) -> dict[str, JSONValue]:
         """The wire object (what :func:`encode` serialises)."""
         return {
