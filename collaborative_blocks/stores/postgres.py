@@ -636,6 +636,12 @@ class PostgresEventStore(EventStore):
             if self._closed:
                 raise StoreClosedError(f"the store {self.url} is closed; open a new one") from None
             raise self._lost(error, "a read") from None
+        except asyncpg.exceptions.PostgresError as error:
+            raise StoreError(
+                f"PostgreSQL refused a read in database {self.location.database!r} "
+                f"({type(error).__name__}, SQLSTATE {getattr(error, 'sqlstate', '?')}): {error}. "
+                "Check that the cb_ tables have the schema of collaborative_blocks.stores.sql."
+            ) from error
 
     async def _fetchrow(self, query: str, *args: object) -> Any:
         rows = await self._fetch(query, *args)

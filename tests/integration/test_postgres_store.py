@@ -599,3 +599,14 @@ async def test_concurrent_appends_keep_versions_order_and_subscribers_exact(
     finally:
         await subscription.aclose()  # type: ignore[attr-defined]
         await store.close()
+
+
+async def test_a_read_postgresql_refuses_is_a_store_error(
+    store: PostgresEventStore, raw: asyncpg.Connection
+) -> None:
+    await store.save_snapshot(Snapshot("agg", 1, "mod:Agg", b"s"))
+    await raw.execute("ALTER TABLE cb_snapshots RENAME TO cb_snapshots_moved")
+    with pytest.raises(StoreError, match="schema"):
+        await store.latest_snapshot("agg")
+    await raw.execute("ALTER TABLE cb_snapshots_moved RENAME TO cb_snapshots")
+    assert await store.latest_snapshot("agg") == Snapshot("agg", 1, "mod:Agg", b"s")
