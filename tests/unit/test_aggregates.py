@@ -574,9 +574,11 @@ async def test_fast_replay_equals_eventsourcing_replay(cls: type[Gauge]) -> None
     events = await store.read(stream)
     bumps_before = CountingGauge.bumps
     ours = await repo.get(gauge.id, cls)
-    # An overridden version setter runs on replay, as it does in eventsourcing.
-    assert CountingGauge.bumps - bumps_before == (5 if cls is CountingGauge else 0)
+    our_bumps = CountingGauge.bumps - bumps_before
     theirs = eventsourcing_replay(events)
+    # An overridden version setter runs on replay as often as it does in eventsourcing.
+    assert our_bumps == CountingGauge.bumps - bumps_before - our_bumps
+    assert (our_bumps > 0) == (cls is CountingGauge)
     assert vars(ours) == vars(theirs)
     assert ours.seen_versions == [1, 2, 4, 5, 6]
     assert ours.readings[-1] == (1.5, "C")
