@@ -31,7 +31,9 @@ still reach the store's group commit. What maps to what:
   position=notification_id)``, recorded in the same transaction as the events;
 - snapshots (``aggregate_recorder(purpose="snapshots")``) live in the store's snapshot table,
   outside the log: they are not notifications. The table keeps the newest snapshot per stream,
-  so a historical ``get(version=N)`` older than it replays from the first event instead.
+  so a historical ``get(version=N)`` older than it replays from the first event instead. With
+  ``EVENT_STORE_SNAPSHOTS_URL`` set, snapshots go to the log of that second store instead,
+  which keeps every snapshot (eventsourcing's own semantics).
 """
 
 from __future__ import annotations
@@ -631,6 +633,7 @@ class EventStoreFactory(InfrastructureFactory[EventStoreTrackingRecorder]):
     """
 
     EVENT_STORE_URL = "EVENT_STORE_URL"
+    EVENT_STORE_SNAPSHOTS_URL = "EVENT_STORE_SNAPSHOTS_URL"
     ORIGINATOR_ID_TYPE = "ORIGINATOR_ID_TYPE"
 
     aggregate_recorder_class: type[EventStoreAggregateRecorder] = EventStoreAggregateRecorder
@@ -654,7 +657,14 @@ class EventStoreFactory(InfrastructureFactory[EventStoreTrackingRecorder]):
             )
         self.originator_id_type = cast(OriginatorIdType, id_type)
         self.url = url
-        self._bridge: StoreBridge | None = None
+        self.snapshots_url = self.env.get(self.EVENT_STORE_SNAPSHOTS_URL) or None
+        if self.snapshots_url == url and not url.startswith("memory:"):
+            raise ConfigurationError(
+                f"{self.EVENT_STORE_SNAPSHOTS_URL} names the same store as "
+                f"{self.EVENT_STORE_URL}; snapshots in the application's log would become "
+                "notifications. Give a different store, or unset it to use the snapshot table."
+            )
+        self._bridges: dict[str, StoreBridge] = {}
         self._bridge_lock = threading.Lock()
         self._closed = False
 
@@ -665,18 +675,30 @@ class EventStoreFactory(InfrastructureFactory[EventStoreTrackingRecorder]):
         Lazily, because eventsourcing also constructs factories only to make a mapper (a
         ``Follower`` does so for each application it follows) and never closes them.
         """
+        return self._open("events", self.url)
+
+    def _open(self, role: str, url: str) -> StoreBridge:
         with self._bridge_lock:
             if self._closed:
                 raise StoreClosedError(
                     "this eventsourcing infrastructure factory is closed; construct a new "
                     "application (or factory) to use the store again"
                 )
-            if self._bridge is None:
-                self._bridge = StoreBridge(self.url, name=self.env.name)
-            return self._bridge
+            bridge = self._bridges.get(role)
+            if bridge is None:
+                name = self.env.name if role == "events" else f"{self.env.name}-{role}"
+                bridge = self._bridges[role] = StoreBridge(url, name=name)
+            return bridge
 
     def aggregate_recorder(self, purpose: str = "events") -> AggregateRecorder:
         if purpose == "snapshots":
+            if self.snapshots_url is not None:
+                # A store of its own: its log holds every snapshot, as eventsourcing's
+                # snapshot tables do, and its notifications are nobody's concern.
+                return self.aggregate_recorder_class(
+                    self._open("snapshots", self.snapshots_url),
+                    originator_id_type=self.originator_id_type,
+                )
             return self.snapshot_recorder_class(
                 self.bridge, originator_id_type=self.originator_id_type
             )
@@ -732,6 +754,12 @@ class EventStoreFactory(InfrastructureFactory[EventStoreTrackingRecorder]):
     def close(self) -> None:
         with self._bridge_lock:
             self._closed = True
-            bridge, self._bridge = self._bridge, None
-        if bridge is not None:
-            bridge.close()
+            bridges, self._bridges = list(self._bridges.values()), {}
+        errors: list[BaseException] = []
+        for bridge in bridges:
+            try:
+                bridge.close()
+            except Exception as error:
+                errors.append(error)
+        if errors:
+            raise errors[0]

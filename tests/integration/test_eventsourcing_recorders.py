@@ -20,6 +20,8 @@ setting has no effect, and the tests still check the recorder classes it asserts
 from __future__ import annotations
 
 import asyncio
+import gc
+import os
 import tempfile
 import uuid
 from collections.abc import Callable
@@ -33,6 +35,7 @@ from eventsourcing.persistence import (
     ProcessRecorder,
     TrackingRecorder,
 )
+from eventsourcing.tests import application as app_suite
 from eventsourcing.tests import persistence as suite
 from eventsourcing.utils import Environment
 
@@ -155,6 +158,42 @@ class FactoryEnv:
         return EventStoreProcessRecorder
 
 
+class ExampleApplicationEnv:
+    """Mixin for eventsourcing's example-application case, which reads ``os.environ``.
+
+    It takes two snapshots of one account and expects both back from the snapshot store, so
+    snapshots go to a second store (``EVENT_STORE_SNAPSHOTS_URL``) whose log keeps them all.
+    With the default snapshot table, which keeps only the newest, that one assertion would
+    fail; the test of that mode is in tests/unit/test_eventsourcing_application.py.
+    """
+
+    backend: ClassVar[Backend]
+    addCleanup: Cleanup
+    expected_factory_topic = f"{PERSISTENCE_MODULE}:EventStoreFactory"
+
+    def setUp(self) -> None:
+        settings = {
+            "PERSISTENCE_MODULE": PERSISTENCE_MODULE,
+            "EVENT_STORE_URL": self.backend.new_url(self.addCleanup),
+            "EVENT_STORE_SNAPSHOTS_URL": self.backend.new_url(self.addCleanup),
+        }
+        for name, value in settings.items():
+            previous = os.environ.get(name)
+            self.addCleanup(_restore_environ, name, previous)
+            os.environ[name] = value
+        # The case never closes its application: collect it (its __del__ closes the stores)
+        # before the cleanups above remove the databases under it.
+        self.addCleanup(gc.collect)
+        super().setUp()  # type: ignore[misc]
+
+
+def _restore_environ(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
 # -- the suite's cases, per backend -----------------------------------------------------------
 
 
@@ -209,6 +248,10 @@ class TestMemoryInfrastructureFactory(FactoryEnv, suite.InfrastructureFactoryTes
     backend = MemoryBackend()
 
 
+class TestMemoryExampleApplication(ExampleApplicationEnv, app_suite.ExampleApplicationTestCase):
+    backend = MemoryBackend()
+
+
 # SQLite: the embedded default.
 
 
@@ -237,6 +280,10 @@ class TestSQLiteNonInterleaving(
 
 
 class TestSQLiteInfrastructureFactory(FactoryEnv, suite.InfrastructureFactoryTestCase):
+    backend = SQLiteBackend()
+
+
+class TestSQLiteExampleApplication(ExampleApplicationEnv, app_suite.ExampleApplicationTestCase):
     backend = SQLiteBackend()
 
 
@@ -275,4 +322,9 @@ class TestPostgresNonInterleaving(
 
 @pytest.mark.postgres
 class TestPostgresInfrastructureFactory(FactoryEnv, suite.InfrastructureFactoryTestCase):
+    backend = PostgresBackend()
+
+
+@pytest.mark.postgres
+class TestPostgresExampleApplication(ExampleApplicationEnv, app_suite.ExampleApplicationTestCase):
     backend = PostgresBackend()

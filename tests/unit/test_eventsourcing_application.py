@@ -262,6 +262,39 @@ async def test_snapshots_live_in_the_snapshot_table_not_in_the_log(
         await store.close()
 
 
+async def test_a_snapshot_store_of_its_own_keeps_every_snapshot(
+    sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    snapshots_url = f"sqlite+aiosqlite:///{tmp_path / 'snapshots.db'}"
+    monkeypatch.setenv("IS_SNAPSHOTTING_ENABLED", "y")
+    monkeypatch.setenv("EVENT_STORE_SNAPSHOTS_URL", snapshots_url)
+    app = BankAccounts()
+    try:
+        account_id = app.open_account("Ivy")
+        app.deposit(account_id, 10)
+        app.take_snapshot(account_id)
+        app.deposit(account_id, 20)
+        app.take_snapshot(account_id)
+        assert app.snapshots is not None
+        assert [s.originator_version for s in app.snapshots.get(account_id)] == [2, 3]
+        assert app.balance(account_id, version=2) == 10
+        assert app.recorder.max_notification_id() == 3  # no snapshot in the log
+    finally:
+        app.close()
+
+    store = await open_store(snapshots_url)
+    try:
+        kept = await store.read(str(account_id))
+        assert [e.version for e in kept] == [2, 3]
+        assert all(e.topic.endswith("Snapshot") for e in kept)
+    finally:
+        await store.close()
+
+    monkeypatch.setenv("EVENT_STORE_SNAPSHOTS_URL", sqlite_url)
+    with pytest.raises(ConfigurationError, match="EVENT_STORE_SNAPSHOTS_URL"):
+        BankAccounts()
+
+
 async def test_a_process_application_records_tracking_with_its_events(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
