@@ -38,11 +38,12 @@ import contextlib
 import contextvars
 import fnmatch
 import inspect
+import itertools
 import logging
 import random
 import re
 import zlib
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -60,6 +61,7 @@ from collaborative_blocks.core.messaging.envelope import (
     Message,
     MessageType,
     decode,
+    new_message_id,
 )
 from collaborative_blocks.core.messaging.tracing import MessagingTelemetry
 from collaborative_blocks.core.messaging.transport import Delivery, Subscription, Transport
@@ -208,8 +210,8 @@ class MessageContext:
         self.attempt = attempt
         self.group = group
         self.system = system
-        self._requests: list[AppendRequest] = []
-        self._outbox: list[Message] = []
+        self._requests: list[AppendRequest] | None = None
+        self._outbox: list[Message] | None = None
 
     @property
     def store(self) -> EventStore:
@@ -226,10 +228,14 @@ class MessageContext:
     ) -> None:
         """Append ``events`` to ``stream`` when the handler has finished (atomically)."""
         self.store  # noqa: B018 -- fail now, inside the handler, when there is no store
+        if self._requests is None:
+            self._requests = []
         self._requests.append(AppendRequest(stream, list(events), expected_version))
 
     def publish(self, message: Message) -> None:
         """Send ``message`` once the handler's effects are committed."""
+        if self._outbox is None:
+            self._outbox = []
         self._outbox.append(
             replace(
                 message,
@@ -477,39 +483,14 @@ class _Consumer:
                     worker.task.cancel()
             await asyncio.sleep(0)
 
-    async def _run_handler(self, worker: _Worker, call: Awaitable[object]) -> object:
-        worker.seq += 1
-        seq = worker.seq
-        worker.busy_seq = seq
-        worker.busy_since = self.broker.clock.monotonic()
-        if not self.watch.is_set():
-            self.watch.set()
-        try:
-            result = await call
-        except asyncio.CancelledError:
-            if worker.expired_seq == seq and worker.task is not None:
-                worker.expired_seq = None
-                worker.task.uncancel()
-                raise HandlerTimeoutError(
-                    f"handler did not finish within {self.broker.handler_timeout}s and was "
-                    "cancelled; make it faster or raise handler_timeout"
-                ) from None
-            raise
-        finally:
-            worker.busy_seq = None
-        if worker.expired_seq == seq and worker.task is not None:
-            # The handler swallowed our cancellation and finished anyway.
-            worker.expired_seq = None
-            worker.task.uncancel()
-        return result
-
     async def _handle(self, worker: _Worker, delivery: Delivery, message: Message) -> None:
         broker = self.broker
-        clock = broker.clock
-        if message.ttl is not None and clock.now() > message.created_at + message.ttl:
+        now = broker.clock.now()
+        ttl = message.ttl
+        if ttl is not None and now > message.created_at + ttl:
             await broker._dead_letter(
                 DeadLetterReason.EXPIRED,
-                f"ttl of {message.ttl}s ran out before {self.group!r} handled it",
+                f"ttl of {ttl}s ran out before {self.group!r} handled it",
                 self.subject,
                 self.group,
                 self.system,
@@ -521,11 +502,11 @@ class _Consumer:
             await delivery.ack()
             return
         guarantee = message.guarantee
-        store = broker.store
         if guarantee is DeliveryGuarantee.EXACTLY_ONCE:
+            store = broker.store
             if store is None:
                 await broker._dead_letter(
-                    DeadLetterReason.RETRIES_EXHAUSTED,
+                    DeadLetterReason.UNSUPPORTED_GUARANTEE,
                     f"{self.group!r} cannot give EXACTLY_ONCE without an event store; "
                     "give its broker store=...",
                     self.subject,
@@ -541,52 +522,64 @@ class _Consumer:
                 return
         elif guarantee is DeliveryGuarantee.AT_MOST_ONCE:
             await delivery.ack()
-        telemetry = broker.telemetry
-        if telemetry.tracing_enabled:
-            with telemetry.process(message, self.subject, self.group) as span:
-                await self._attempts(worker, delivery, message, span)
-        else:
-            await self._attempts(worker, delivery, message, None)
-
-    async def _attempts(
-        self, worker: _Worker, delivery: Delivery, message: Message, span: Any
-    ) -> None:
-        attempt = delivery.attempt
-        errors: list[AttemptError] = []
         token = current_message.set(message)
         try:
-            await self._attempt_loop(worker, delivery, message, span, attempt, errors)
+            telemetry = broker.telemetry
+            if telemetry.tracing_enabled:
+                with telemetry.process(message, self.subject, self.group) as span:
+                    await self._attempts(worker, delivery, message, span)
+            else:
+                await self._attempts(worker, delivery, message, None)
         finally:
             current_message.reset(token)
 
-    async def _attempt_loop(
-        self,
-        worker: _Worker,
-        delivery: Delivery,
-        message: Message,
-        span: Any,
-        attempt: int,
-        errors: list[AttemptError],
+    async def _attempts(
+        self, worker: _Worker, delivery: Delivery, message: Message, span: Any
     ) -> None:
         broker = self.broker
         clock = broker.clock
         telemetry = broker.telemetry
         guarantee = message.guarantee
+        processor = self.spec.processor
+        attempt = delivery.attempt
+        errors: list[AttemptError] = []
         while True:
-            started = clock.monotonic()
             ctx = MessageContext(broker, message, attempt, self.group, self.system)
+            worker.seq += 1
+            seq = worker.seq
+            worker.busy_seq = seq
+            started = worker.busy_since = clock.monotonic()
+            if not self.watch.is_set():
+                self.watch.set()
             try:
-                await self._run_handler(worker, self.spec.processor(message, ctx))
+                try:
+                    await processor(message, ctx)
+                except asyncio.CancelledError:
+                    if worker.expired_seq == seq and worker.task is not None:
+                        worker.expired_seq = None
+                        worker.task.uncancel()
+                        raise HandlerTimeoutError(
+                            f"handler did not finish within {broker.handler_timeout}s and was "
+                            "cancelled; make it faster or raise the broker's handler_timeout"
+                        ) from None
+                    raise
+                finally:
+                    worker.busy_seq = None
+                if worker.expired_seq == seq and worker.task is not None:
+                    # The handler swallowed our cancellation and finished anyway.
+                    worker.expired_seq = None
+                    worker.task.uncancel()
                 if guarantee is DeliveryGuarantee.EXACTLY_ONCE:
                     assert broker.store is not None
                     await broker.store.append_many(
-                        ctx._requests, tracking=Tracking(self.group, message_id=message.id)
+                        ctx._requests or (), tracking=Tracking(self.group, message_id=message.id)
                     )
                 elif ctx._requests:
                     assert broker.store is not None
                     await broker.store.append_many(ctx._requests)
-                for outgoing in ctx._outbox:
-                    await broker.publish(outgoing)
+                if ctx._outbox:
+                    for outgoing in ctx._outbox:
+                        await broker.publish(outgoing)
             except DuplicateMessageError:
                 if guarantee is not DeliveryGuarantee.AT_MOST_ONCE:
                     await delivery.ack()
@@ -770,7 +763,7 @@ class MessageBroker:
             meter_provider=meter_provider,
             dead_letter_depth=lambda: self._dlq_depth,
         )
-        self._receipts: OrderedDict[str, list[DeliveryReceipt]] = OrderedDict()
+        self._receipts: dict[str, list[tuple[str, str, int, float]]] = {}
         self._receipts_kept = receipts_kept
         self._served: set[str] = set()
         self._specs: list[_ConsumerSpec] = []
@@ -852,17 +845,25 @@ class MessageBroker:
 
     def stamp(self, message: Message) -> Message:
         """Fill in what the sender left empty: id, created-at, ttl."""
-        changes: dict[str, Any] = {}
-        if not message.id:
-            now = self.clock.now()
-            changes["id"] = random_id(now, self.rng)
-            if not message.created_at:
-                changes["created_at"] = now
-        elif not message.created_at:
-            changes["created_at"] = self.clock.now()
-        if message.ttl is None:
-            changes["ttl"] = self.default_ttl
-        return replace(message, **changes) if changes else message
+        if message.id and message.created_at and message.ttl is not None:
+            return message
+        now = self.clock.now()
+        # Built directly rather than with dataclasses.replace: this runs on every publish.
+        return Message(
+            message.type,
+            message.name,
+            message.payload,
+            message.source,
+            message.target,
+            message.id or new_message_id(now, self.rng),
+            message.key,
+            message.headers,
+            message.correlation_id,
+            message.causation_id,
+            message.created_at or now,
+            self.default_ttl if message.ttl is None else message.ttl,
+            message.guarantee,
+        )
 
     def subject_for(self, message: Message) -> str:
         kind = message.type
@@ -1044,14 +1045,16 @@ class MessageBroker:
             )
 
     def _receipt(self, message_id: str, group: str, status: str, attempts: int) -> None:
-        receipt = DeliveryReceipt(message_id, group, status, attempts, self.clock.now())
-        found = self._receipts.get(message_id)
+        receipts = self._receipts
+        found = receipts.get(message_id)
         if found is None:
-            self._receipts[message_id] = [receipt]
-            if len(self._receipts) > self._receipts_kept:
-                self._receipts.popitem(last=False)
+            receipts[message_id] = [(group, status, attempts, self.clock.now())]
+            if len(receipts) > self._receipts_kept:
+                # Amortised: forget the oldest half at once instead of one per message.
+                for stale in list(itertools.islice(receipts, len(receipts) // 2)):
+                    del receipts[stale]
         else:
-            found.append(receipt)
+            found.append((group, status, attempts, self.clock.now()))
 
     async def receipts(self, message_id: str) -> list[DeliveryReceipt]:
         """What happened to a message in each consumer group of this broker.
@@ -1059,7 +1062,7 @@ class MessageBroker:
         In-memory, bounded by ``receipts_kept``; for EXACTLY_ONCE the durable record is the
         store's inbox: :meth:`was_processed`.
         """
-        return list(self._receipts.get(message_id, ()))
+        return [DeliveryReceipt(message_id, *r) for r in self._receipts.get(message_id, ())]
 
     async def was_processed(self, message_id: str, group: str) -> bool:
         """Whether ``group``'s durable inbox holds ``message_id`` (EXACTLY_ONCE receipts)."""

@@ -63,6 +63,8 @@ class DeadLetterReason(enum.Enum):
     NO_HANDLER = "no_handler"
     #: Nobody serves the target (in-process transports can tell at publish time).
     NO_ROUTE = "no_route"
+    #: An EXACTLY_ONCE message reached a consumer whose broker has no event store.
+    UNSUPPORTED_GUARANTEE = "unsupported_guarantee"
     #: A response whose correlation id no pending query is waiting for (late or bogus).
     UNKNOWN_CORRELATION_ID = "unknown_correlation_id"
 

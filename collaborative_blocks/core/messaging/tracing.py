@@ -48,19 +48,27 @@ class MessagingTelemetry:
         self.tracing_enabled = tracing_enabled
         self._tracer = trace.get_tracer(_INSTRUMENTATION, tracer_provider=tracer_provider)
         meter = metrics.get_meter(_INSTRUMENTATION, meter_provider=meter_provider)
-        self._sent = meter.create_counter("cb.messaging.sent", "{message}", "messages sent")
-        self._processed = meter.create_counter(
-            "cb.messaging.processed", "{message}", "messages handled successfully"
-        )
-        self._failed = meter.create_counter(
-            "cb.messaging.failed", "{message}", "handler attempts that raised or timed out"
-        )
-        self._redeliveries = meter.create_counter(
-            "cb.messaging.redeliveries", "{message}", "messages retried after a failed attempt"
-        )
-        self._dead_lettered = meter.create_counter(
-            "cb.messaging.dead_letters", "{message}", "messages moved to the dead-letter queue"
-        )
+        # Counting in plain dicts and reporting through observable counters keeps the
+        # per-message cost to a dict update; the SDK reads them when it collects.
+        self.counts: dict[str, dict[str, int]] = {
+            name: {} for name in ("sent", "processed", "failed", "redeliveries", "dead_letters")
+        }
+        descriptions = {
+            "sent": "messages sent",
+            "processed": "messages handled successfully",
+            "failed": "handler attempts that raised or timed out",
+            "redeliveries": "messages retried after a failed attempt",
+            "dead_letters": "messages moved to the dead-letter queue",
+        }
+        for name, description in descriptions.items():
+            meter.create_observable_counter(
+                f"cb.messaging.{name}", [self._observer(name)], "{message}", description
+            )
+        self._sent = self.counts["sent"]
+        self._processed = self.counts["processed"]
+        self._failed = self.counts["failed"]
+        self._redeliveries = self.counts["redeliveries"]
+        self._dead_lettered = self.counts["dead_letters"]
         self._duration = meter.create_histogram(
             "cb.messaging.process.duration", "s", "time spent handling one message"
         )
@@ -73,6 +81,14 @@ class MessagingTelemetry:
                 "dead letters waiting in this broker's queue",
             )
         self._attributes: dict[str, Mapping[str, str]] = {}
+
+    def _observer(self, name: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        counts = self.counts[name]
+
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            return [Observation(value, self.attrs(system)) for system, value in counts.items()]
+
+        return observe
 
     def _observe_depth(self, options: CallbackOptions) -> Iterable[Observation]:
         assert self._depth is not None
@@ -87,21 +103,25 @@ class MessagingTelemetry:
     # -- metrics ---------------------------------------------------------------------------
 
     def sent(self, system: str) -> None:
-        self._sent.add(1, self.attrs(system))
+        counts = self._sent
+        counts[system] = counts.get(system, 0) + 1
 
     def processed(self, system: str, seconds: float) -> None:
-        attributes = self.attrs(system)
-        self._processed.add(1, attributes)
-        self._duration.record(seconds, attributes)
+        counts = self._processed
+        counts[system] = counts.get(system, 0) + 1
+        self._duration.record(seconds, self.attrs(system))
 
     def failed(self, system: str) -> None:
-        self._failed.add(1, self.attrs(system))
+        counts = self._failed
+        counts[system] = counts.get(system, 0) + 1
 
     def redelivered(self, system: str) -> None:
-        self._redeliveries.add(1, self.attrs(system))
+        counts = self._redeliveries
+        counts[system] = counts.get(system, 0) + 1
 
     def dead_lettered(self, system: str) -> None:
-        self._dead_lettered.add(1, self.attrs(system))
+        counts = self._dead_lettered
+        counts[system] = counts.get(system, 0) + 1
 
     # -- spans -----------------------------------------------------------------------------
 

@@ -111,7 +111,7 @@ class _Subject:
 
 class _Group:
     __slots__ = (
-        "attempts",
+        "ack_timeout",
         "clock",
         "cursor",
         "delayed",
@@ -128,10 +128,12 @@ class _Group:
         self.name = name
         self.clock = clock
         self.cursor = subject.next_seq
-        self.ready: deque[_Entry] = deque()
-        self.delayed: list[tuple[float, int, _Entry]] = []
-        self.pending: list[tuple[float, int, MemoryDelivery]] = []
-        self.attempts: dict[int, int] = {}
+        self.ready: deque[tuple[_Entry, int]] = deque()
+        self.delayed: list[tuple[float, int, _Entry, int]] = []
+        # Deadlines only grow within a group (one ack timeout per group, a monotonic clock),
+        # so a deque ordered by hand-out time is also ordered by deadline.
+        self.pending: deque[MemoryDelivery] = deque()
+        self.ack_timeout: float | None = None
         self.wakeup = asyncio.Event()
         self.tiebreak = itertools.count()
 
@@ -140,36 +142,44 @@ class _Group:
             return
         delivery._settled = True
         delivery._consumer.unsettled -= 1
-        entry = delivery._entry
         if redeliver_at is None:
-            self.attempts.pop(entry.seq, None)
+            # Deliveries settle roughly in hand-out order: drop them from the front now so
+            # the pending deque stays short.
+            pending = self.pending
+            while pending and pending[0]._settled:
+                pending.popleft()
         elif redeliver_at <= self.clock.monotonic():
-            self.ready.append(entry)
+            self.ready.append((delivery._entry, delivery.attempt))
         else:
-            heapq.heappush(self.delayed, (redeliver_at, next(self.tiebreak), entry))
+            heapq.heappush(
+                self.delayed,
+                (redeliver_at, next(self.tiebreak), delivery._entry, delivery.attempt),
+            )
         self.wakeup.set()
 
     def collect_due(self, now: float) -> None:
         delayed = self.delayed
         while delayed and delayed[0][0] <= now:
-            self.ready.append(heapq.heappop(delayed)[2])
+            _, _, entry, attempt = heapq.heappop(delayed)
+            self.ready.append((entry, attempt))
         pending = self.pending
-        while pending and (pending[0][2]._settled or pending[0][0] <= now):
-            _, _, delivery = heapq.heappop(pending)
+        while pending and (pending[0]._settled or pending[0]._deadline <= now):
+            delivery = pending.popleft()
             if not delivery._settled:
                 # Its consumer died or hung: the message goes to whoever fetches next.
                 delivery._settled = True
                 delivery._consumer.unsettled -= 1
-                self.ready.append(delivery._entry)
+                self.ready.append((delivery._entry, delivery.attempt))
 
     def next_deadline(self) -> float | None:
+        pending = self.pending
+        while pending and pending[0]._settled:
+            pending.popleft()
         candidates = []
         if self.delayed:
             candidates.append(self.delayed[0][0])
-        while self.pending and self.pending[0][2]._settled:
-            heapq.heappop(self.pending)
-        if self.pending:
-            candidates.append(self.pending[0][0])
+        if pending:
+            candidates.append(pending[0]._deadline)
         return min(candidates) if candidates else None
 
 
@@ -198,10 +208,9 @@ class _MemorySubscription:
             out: list[MemoryDelivery] = []
             if room > 0:
                 deadline = now + self._ack_timeout
-                attempts = group.attempts
                 while group.ready and len(out) < room:
-                    entry = group.ready.popleft()
-                    out.append(self._hand_out(entry, attempts[entry.seq] + 1, deadline))
+                    entry, previous = group.ready.popleft()
+                    out.append(self._hand_out(entry, previous + 1, deadline))
                 if len(out) < room and subject.entries:
                     entries = subject.entries
                     first_seq = entries[0].seq
@@ -219,10 +228,9 @@ class _MemorySubscription:
 
     def _hand_out(self, entry: _Entry, attempt: int, deadline: float) -> MemoryDelivery:
         group = self._group
-        group.attempts[entry.seq] = attempt
         delivery = MemoryDelivery(group, self._consumer, entry, attempt, deadline)
         self._consumer.unsettled += 1
-        heapq.heappush(group.pending, (deadline, next(group.tiebreak), delivery))
+        group.pending.append(delivery)
         return delivery
 
     async def _wait(self, group: _Group) -> None:
@@ -246,7 +254,7 @@ class _MemorySubscription:
         group = self._group
         # A graceful leave gives back what this consumer still holds, now rather than after
         # the ack timeout.
-        for _, _, delivery in list(group.pending):
+        for delivery in list(group.pending):
             if delivery._consumer is self._consumer and not delivery._settled:
                 group.settle(delivery, redeliver_at=group.clock.monotonic())
         group.wakeup.set()
@@ -307,7 +315,10 @@ class MemoryTransport:
         state = target.groups.get(group)
         if state is None:
             state = target.groups[group] = _Group(target, group, self._clock)
-        return _MemorySubscription(self, state, _Consumer(consumer, prefetch), ack_timeout)
+        if state.ack_timeout is None:
+            state.ack_timeout = ack_timeout
+        # One ack timeout per group (the first subscriber's) keeps deadlines ordered.
+        return _MemorySubscription(self, state, _Consumer(consumer, prefetch), state.ack_timeout)
 
     def backlog(self, subject: str) -> int:
         """Messages of ``subject`` not yet handed to every group (for metrics and tests)."""
