@@ -367,6 +367,7 @@ def test_declaration_mistakes_are_reported_when_the_class_is_defined() -> None:
 
 DOCS_PAGE = Path(__file__).resolve().parents[2] / "docs" / "aggregates.md"
 DOCS_MODULE = "cb_docs_aggregates_page"
+BANK_EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "bank.py"
 
 
 async def test_aggregates_page_runs() -> None:
@@ -397,3 +398,22 @@ async def test_aggregates_page_runs() -> None:
             del _topic_cache[topic]
         for cls in [c for c in _type_cache if getattr(c, "__module__", "") == DOCS_MODULE]:
             del _type_cache[cls]
+
+
+async def test_bank_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cb_example_bank", BANK_EXAMPLE)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["cb_example_bank"] = module
+    try:
+        spec.loader.exec_module(module)
+        assert await module.main() == 70  # on a temporary SQLite log
+    finally:
+        del sys.modules["cb_example_bank"]
+    out = capsys.readouterr().out
+    assert "rejected by its guard(s) covered" in out
+    assert "cannot 'deposit' in state 'frozen'" in out
+    assert "snapshot at version 125" in out
