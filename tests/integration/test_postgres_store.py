@@ -394,8 +394,7 @@ async def test_killed_reader_and_listener_connections_are_replaced(
 
 
 async def test_unreachable_server_names_host_port_and_database() -> None:
-    require_postgres()
-    # Port 1 on localhost: nothing listens there.
+    # Port 1 on localhost: nothing listens there (no server needed for this test).
     with pytest.raises(StoreUnavailableError) as caught:
         await open_postgres_store(
             "postgresql+asyncpg://app:s3cret@127.0.0.1:1/orders", connect_timeout=5
