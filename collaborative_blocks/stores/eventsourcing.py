@@ -65,6 +65,7 @@ from collaborative_blocks.errors import (
     EventSerializationError,
     StoreClosedError,
 )
+from collaborative_blocks.stores import open_store
 from collaborative_blocks.stores.base import (
     AppendRequest,
     EventStore,
@@ -110,6 +111,8 @@ class StoreBridge:
         self._closed = False
         self._store: EventStore | None = None
         self._close_error: BaseException | None = None
+        #: The store's URL with any password hidden (known once the store is open).
+        self.url = ""
         self._thread = threading.Thread(
             target=self._run, name=f"cb-eventsourcing-bridge{'-' + name if name else ''}"
         )
@@ -118,7 +121,7 @@ class StoreBridge:
         self._thread.daemon = True
         self._thread.start()
         try:
-            self._store = self.call(_open_store(url))
+            self._store = self.call(open_store(url))
         except BaseException:
             self.close()
             raise
@@ -142,7 +145,8 @@ class StoreBridge:
             return future.result()
         except concurrent.futures.CancelledError:
             raise StoreClosedError(
-                f"the store {self.url} was closed while a call was running; open a new one"
+                f"the store {self.url} was closed while this call was running; construct a "
+                "new application (or infrastructure factory)"
             ) from None
 
     def call_soon(self, callback: Callable[[], object]) -> None:
@@ -167,7 +171,7 @@ class StoreBridge:
 
     def _closed_error(self) -> StoreClosedError:
         return StoreClosedError(
-            f"the store {getattr(self, 'url', '')} behind this eventsourcing recorder is "
+            f"the store {self.url} behind this eventsourcing recorder is "
             "closed; construct a new application (or infrastructure factory)"
         )
 
@@ -215,13 +219,6 @@ class StoreBridge:
             finally:
                 asyncio.set_event_loop(None)
                 loop.close()
-
-
-async def _open_store(url: str) -> EventStore:
-    # Imported here: collaborative_blocks.stores imports the plugin machinery lazily too.
-    from collaborative_blocks.stores import open_store
-
-    return await open_store(url)
 
 
 # -- mapping between eventsourcing's shapes and ours ----------------------------------------
@@ -646,6 +643,7 @@ class EventStoreFactory(InfrastructureFactory[EventStoreTrackingRecorder]):
         super().__init__(env)
         url = self.env.get(self.EVENT_STORE_URL)
         if not url:
+            # Only then: the settings read and validate the whole process environment.
             from collaborative_blocks.core.settings import load_settings
 
             url = load_settings().event_store_url
