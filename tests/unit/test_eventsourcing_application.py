@@ -378,6 +378,21 @@ def test_concurrent_saves_of_one_aggregate_raise_eventsourcing_integrity_error(
     assert app.balance(account_id) == 1
 
 
+def test_text_originator_ids_still_load_uuid_aggregates(
+    memory_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ORIGINATOR_ID_TYPE", "text")
+    application = BankAccounts()
+    try:
+        account_id = application.open_account("Jo")
+        application.deposit(account_id, 7)
+        assert application.balance(account_id) == 7
+        (first, *_) = application.notification_log.select(start=1, limit=1)
+        assert first.originator_id == str(account_id)
+    finally:
+        application.close()
+
+
 def test_subscription_catches_up_follows_and_stops_from_another_thread(
     app: BankAccounts,
 ) -> None:
@@ -433,10 +448,17 @@ def test_subscription_ends_when_the_application_closes(memory_env: None) -> None
     assert outcome == [None] or isinstance(outcome[0], StoreClosedError)
 
 
+def _bridge_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("cb-eventsourcing-bridge")]
+
+
 def test_a_closed_application_raises_store_closed_error(memory_env: None) -> None:
+    before = set(_bridge_threads())
     application = BankAccounts()
     account_id = application.open_account("Gus")
+    assert len(set(_bridge_threads()) - before) == 1
     application.close()
+    assert set(_bridge_threads()) - before == set()  # closing ended the bridge thread
     with pytest.raises(StoreClosedError, match="closed"):
         application.balance(account_id)
     application.close()  # idempotent
