@@ -595,3 +595,41 @@ async def test_version_gap_in_a_stream_is_detected() -> None:
     rows = await store.read(str(account.id))
     with pytest.raises(OriginatorVersionError):
         repo._replay(None, [rows[0], rows[1], rows[1]])
+
+
+async def test_an_eventsourcing_application_and_the_repository_share_aggregates(
+    cb_sqlite_url: str,
+) -> None:
+    """An unmodified eventsourcing Application on our store and our Repository read and
+    extend each other's aggregates: same streams, versions and encoding."""
+    from eventsourcing.application import Application
+
+    env = {
+        "PERSISTENCE_MODULE": "collaborative_blocks.stores.eventsourcing",
+        "EVENT_STORE_URL": cb_sqlite_url,
+    }
+    app: Application[UUID] = Application(env=env)
+    try:
+        account = Account(owner="ann")
+        account.deposit(amount=5)
+        app.save(account)
+    finally:
+        app.close()
+
+    store = await open_store(cb_sqlite_url)
+    try:
+        repo = Repository(store)
+        ours = await repo.get(account.id, Account)
+        assert (ours.balance, ours.version) == (5, 2)
+        ours.deposit(amount=7)
+        await repo.save(ours)
+    finally:
+        await store.close()
+
+    app = Application(env=env)
+    try:
+        theirs = app.repository.get(account.id)
+        assert isinstance(theirs, Account)
+        assert (theirs.balance, theirs.version) == (12, 3)
+    finally:
+        app.close()
