@@ -33,13 +33,14 @@ TASKS_PER_WRITER = 4
 # number and the size of its batch, so the log can be checked against what was acknowledged.
 WRITER = """
 import asyncio, sys
+from collaborative_blocks.errors import ConcurrencyError
 from collaborative_blocks.stores.base import NewEvent
 from collaborative_blocks.stores.postgres import open_postgres_store
 
 def batch_size(i: int) -> int:
     return 1 if i % 2 == 0 else 1 + i % 7
 
-async def main(url: str, name: str, appends: int, tasks: int) -> None:
+async def main(url: str, name: str, appends: int, tasks: int, shared: int) -> None:
     store = await open_postgres_store(url)
     try:
         async def write(k: int) -> None:
@@ -56,11 +57,25 @@ async def main(url: str, name: str, appends: int, tasks: int) -> None:
                 version += size
                 print("ACK", stream, i, size, *positions, flush=True)
                 i += 1
-        await asyncio.gather(*(write(k) for k in range(tasks)))
+
+        async def contend() -> None:
+            # Every writer process appends to one shared stream: read, append, retry on conflict.
+            for i in range(shared):
+                while True:
+                    version = await store.stream_version("shared")
+                    event = NewEvent("Written", f"shared:{version + 1}:{name}.{i}:1".encode())
+                    try:
+                        positions = await store.append("shared", [event], expected_version=version)
+                    except ConcurrencyError:
+                        continue
+                    print("ACK", "shared", f"{name}.{i}", 1, *positions, flush=True)
+                    break
+
+        await asyncio.gather(contend(), *(write(k) for k in range(tasks)))
     finally:
         await store.close()
 
-asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
+asyncio.run(main(*sys.argv[1:3], *map(int, sys.argv[3:6])))
 """
 
 
@@ -71,7 +86,7 @@ def batch_size(i: int) -> int:
 @dataclass(frozen=True)
 class Ack:
     stream: str
-    append: int
+    append: str
     size: int
     positions: tuple[int, ...]
 
@@ -79,10 +94,12 @@ class Ack:
 def parse_ack(line: bytes) -> Ack:
     word, stream, append, size, *positions = line.decode().split()
     assert word == "ACK", line
-    return Ack(stream, int(append), int(size), tuple(int(p) for p in positions))
+    return Ack(stream, append, int(size), tuple(int(p) for p in positions))
 
 
-async def start_writer(url: str, name: str, appends: int) -> asyncio.subprocess.Process:
+async def start_writer(
+    url: str, name: str, appends: int, shared: int = 0
+) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
@@ -91,6 +108,7 @@ async def start_writer(url: str, name: str, appends: int) -> asyncio.subprocess.
         name,
         str(appends),
         str(TASKS_PER_WRITER),
+        str(shared),
         stdout=asyncio.subprocess.PIPE,
         env=dict(os.environ),
     )
@@ -112,12 +130,12 @@ async def store(url: str) -> AsyncIterator[PostgresEventStore]:
         await opened.close()
 
 
-def check_event_matches_its_append(event: StoredEvent) -> tuple[str, int, int]:
-    """The (stream, append number, batch size) an event's state claims; checks the version."""
+def check_event_matches_its_append(event: StoredEvent) -> tuple[str, str, int]:
+    """The (stream, append id, batch size) an event's state claims; checks the version."""
     stream, version, append, size = event.state.decode().split(":")
     assert (stream, int(version)) == (event.stream, event.version)
     assert event.topic == "Written"
-    return stream, int(append), int(size)
+    return stream, append, int(size)
 
 
 async def test_a_subscriber_sees_every_event_of_concurrent_writer_processes(
@@ -125,7 +143,10 @@ async def test_a_subscriber_sees_every_event_of_concurrent_writer_processes(
 ) -> None:
     appends_per_task = 12
     writers = 3
-    expected_total = writers * TASKS_PER_WRITER * sum(map(batch_size, range(appends_per_task)))
+    shared_per_writer = 8
+    expected_total = writers * (
+        TASKS_PER_WRITER * sum(map(batch_size, range(appends_per_task))) + shared_per_writer
+    )
     subscription = store.subscribe(from_position=1)
     seen: list[StoredEvent] = []
 
@@ -137,7 +158,8 @@ async def test_a_subscriber_sees_every_event_of_concurrent_writer_processes(
         async with asyncio.timeout(HANG_GUARD_SECONDS):
             following = asyncio.ensure_future(follow())
             processes = [
-                await start_writer(url, f"writer{n}", appends_per_task) for n in range(writers)
+                await start_writer(url, f"writer{n}", appends_per_task, shared_per_writer)
+                for n in range(writers)
             ]
             outputs = [await process.communicate() for process in processes]
             assert [process.returncode for process in processes] == [0] * writers
@@ -149,7 +171,7 @@ async def test_a_subscriber_sees_every_event_of_concurrent_writer_processes(
     assert positions == sorted(set(positions)), "out of order or duplicated"
     assert seen == await store.read_all(), "the subscriber missed or invented events"
     acks = [parse_ack(line) for stdout, _ in outputs for line in stdout.splitlines()]
-    assert len(acks) == writers * TASKS_PER_WRITER * appends_per_task
+    assert len(acks) == writers * (TASKS_PER_WRITER * appends_per_task + shared_per_writer)
     by_position = {event.position: event for event in seen}
     for ack in acks:
         assert len(ack.positions) == ack.size
@@ -161,7 +183,9 @@ async def test_a_subscriber_sees_every_event_of_concurrent_writer_processes(
     streams: dict[str, list[int]] = defaultdict(list)
     for event in seen:
         streams[event.stream].append(event.version)
-    assert len(streams) == writers * TASKS_PER_WRITER
+    assert len(streams) == writers * TASKS_PER_WRITER + 1
+    # Optimistic concurrency held across processes: the contended stream has no gap or fork.
+    assert len(streams["shared"]) == writers * shared_per_writer
     for versions in streams.values():
         assert versions == list(range(1, len(versions) + 1))
 
@@ -192,12 +216,12 @@ async def test_sigkill_mid_stream_keeps_every_acknowledged_append_and_no_partial
             assert position in log, f"acknowledged {ack} but position {position} is missing"
             assert check_event_matches_its_append(log[position])[:2] == (ack.stream, ack.append)
 
-    batches: dict[tuple[str, int], list[StoredEvent]] = defaultdict(list)
+    batches: dict[tuple[str, str], list[StoredEvent]] = defaultdict(list)
     for event in log.values():
         stream, append, _ = check_event_matches_its_append(event)
         batches[stream, append].append(event)
     for (stream, append), events in batches.items():
-        assert len(events) == batch_size(append), f"partial batch {stream} #{append}"
+        assert len(events) == batch_size(int(append)), f"partial batch {stream} #{append}"
         assert [e.position for e in events] == sorted(e.position for e in events)
     for k in range(TASKS_PER_WRITER):
         versions = [e.version for e in await store.read(f"victim-{k}")]
