@@ -214,10 +214,6 @@ def default_mapper(
 
 FastApply = Callable[[Any, dict[str, Any]], None]
 
-#: Per-class hook: an event class may define ``__cb_fast_apply__(aggregate, state)`` that does
-#: exactly what its ``apply`` does, from the decoded state dict. machines.py uses it.
-FAST_APPLY_ATTRIBUTE = "__cb_fast_apply__"
-
 _STANDARD_MUTATE = CanMutateAggregate.mutate
 _STANDARD_APPLY_OWNERS = (CanMutateAggregate, DecoratedFuncCaller)
 
@@ -230,21 +226,14 @@ def _fast_apply_for(cls: type) -> FastApply | None:
     """A function applying an event of ``cls`` from its state dict, if that keeps semantics.
 
     Only for classes whose ``mutate`` is eventsourcing's standard one (version check, apply,
-    then version and modified_on) and whose ``apply`` is either a ``@event`` method call or a
-    declared fast path; anything else is replayed through the event object.
+    then version and modified_on) and whose ``apply`` is the ``@event`` method call; anything
+    else is replayed through the event object.
     """
     if not issubclass(cls, CanMutateAggregate) or cls.mutate is not _STANDARD_MUTATE:
         return None
     if _defining_classes(cls, "_as_dict") != [CanMutateAggregate]:
         return None
-    declared = getattr(cls, FAST_APPLY_ATTRIBUTE, None)
     apply_owners = _defining_classes(cls, "apply")
-    if declared is not None:
-        # The declaring base owns apply; any other override must be the standard ones.
-        owner = next(k for k in cls.__mro__ if FAST_APPLY_ATTRIBUTE in k.__dict__)
-        if all(k is owner or k in _STANDARD_APPLY_OWNERS for k in apply_owners):
-            return cast(FastApply, declared)
-        return None
     if not issubclass(cls, DecoratedFuncCaller):
         return None
     if any(k not in _STANDARD_APPLY_OWNERS for k in apply_owners):

@@ -633,3 +633,33 @@ async def test_an_eventsourcing_application_and_the_repository_share_aggregates(
         assert (theirs.balance, theirs.version) == (12, 3)
     finally:
         app.close()
+
+
+class Counter(Aggregate):
+    """eventsourcing aggregates may number their events from 0."""
+
+    INITIAL_VERSION = 0
+
+    @event("Started")
+    def __init__(self) -> None:
+        self.count = 0
+
+    @event("Incremented")
+    def increment(self) -> None:
+        self.count += 1
+
+
+async def test_aggregates_numbered_from_zero(store: EventStore) -> None:
+    repo = Repository(store)
+    counter = Counter()
+    counter.increment()
+    await repo.save(counter)
+    assert [e.version for e in await store.read(str(counter.id))] == [0, 1]
+    loaded = await repo.get(counter.id, Counter)
+    assert (loaded.count, loaded.version) == (1, 1)
+
+    # A second "creation" under the same id conflicts instead of overwriting.
+    twin = Counter._create(Counter.Started, id=counter.id)
+    with pytest.raises(ConcurrencyError):
+        await repo.save(twin)
+    assert (await repo.get(counter.id, Counter)).count == 1
