@@ -73,6 +73,16 @@ class CaseResult:
         ratio = self.ratio
         return None if ratio is None else ratio >= self.target
 
+    @property
+    def round_ratios(self) -> list[float]:
+        """ours / baseline within each round: how much the ratio itself moved between rounds."""
+        if self.unavailable is not None:
+            return []
+        ours, base = self.measurements.get(self.ours), self.measurements.get(self.baseline)
+        if ours is None or base is None:
+            return []
+        return [o / b for o, b in zip(ours.samples, base.samples, strict=False) if b > 0]
+
     def ratio_to_baseline(self, name: str) -> float | None:
         base = self.measurements.get(self.baseline)
         other = self.measurements.get(name)
@@ -89,6 +99,7 @@ class CaseResult:
             "baseline": self.baseline,
             "target": self.target,
             "ratio": self.ratio,
+            "round_ratios": self.round_ratios,
             "met": self.met,
             "unavailable": self.unavailable,
             "notes": self.notes,

@@ -40,13 +40,24 @@ def _ratio(value: float | None) -> str:
     return f"{value:.2f}x" if value >= 1 else f"{value:.3f}x"
 
 
+def _spread(case: CaseResult) -> str:
+    ratios = case.round_ratios
+    if len(ratios) < 2:
+        return "-"
+    return f"{_ratio(min(ratios))[:-1]}-{_ratio(max(ratios))}"
+
+
 def results_table(title: str, cases: list[CaseResult]) -> Table:
-    """case, ours, baseline, ratio, target, met? (context contenders on their own rows)."""
+    """case, ours, baseline, ratio (of medians), the per-round ratios' range, target, met?
+
+    Context contenders get rows of their own, with their ratio to the baseline.
+    """
     table = Table(title=title)
     table.add_column("case")
     table.add_column("ours", justify="right")
     table.add_column("baseline", justify="right")
     table.add_column("ratio", justify="right")
+    table.add_column("per round", justify="right")
     table.add_column("target", justify="right")
     table.add_column("met?", justify="center")
     for case in cases:
@@ -63,6 +74,7 @@ def results_table(title: str, cases: list[CaseResult]) -> Table:
             "-" if ours is None else f"{_rate(ours.median)} {case.unit}",
             "-" if base is None else f"{_rate(base.median)} {case.unit}",
             _ratio(case.ratio),
+            _spread(case),
             f">= {case.target:g}x",
             met,
         )
@@ -76,17 +88,18 @@ def results_table(title: str, cases: list[CaseResult]) -> Table:
                 f"[dim]{_ratio(case.ratio_to_baseline(name))}[/]",
                 "",
                 "",
+                "",
             )
         if case.unavailable is not None:
-            table.add_row(f"[yellow]  {case.unavailable}[/]", "", "", "", "", "")
+            table.add_row(f"[yellow]  {case.unavailable}[/]", "", "", "", "", "", "")
     return table
 
 
 def results_markdown(cases: list[CaseResult]) -> str:
     """The results as a Markdown table (what docs/benchmarks.md holds)."""
     lines = [
-        "| case | ours | baseline | ratio | target | met? |",
-        "|---|---:|---:|---:|---:|:---:|",
+        "| case | ours | baseline | ratio | per round | target | met? |",
+        "|---|---:|---:|---:|---:|---:|:---:|",
     ]
     for case in cases:
         ours = case.measurements.get(case.ours)
@@ -96,16 +109,16 @@ def results_markdown(cases: list[CaseResult]) -> str:
             f"| {case.title} vs {case.baseline} "
             f"| {'-' if ours is None else _rate(ours.median)} {case.unit} "
             f"| {'-' if base is None else _rate(base.median)} {case.unit} "
-            f"| {_ratio(case.ratio)} | >= {case.target:g}x | {met} |"
+            f"| {_ratio(case.ratio)} | {_spread(case)} | >= {case.target:g}x | {met} |"
         )
         for name, measurement in case.measurements.items():
             if name not in (case.ours, case.baseline):
                 lines.append(
                     f"| &nbsp;&nbsp;context: {name} | {_rate(measurement.median)} {case.unit} "
-                    f"| | {_ratio(case.ratio_to_baseline(name))} | | |"
+                    f"| | {_ratio(case.ratio_to_baseline(name))} | | | |"
                 )
         if case.unavailable is not None:
-            lines.append(f"| &nbsp;&nbsp;{case.unavailable} | | | | | |")
+            lines.append(f"| &nbsp;&nbsp;{case.unavailable} | | | | | | |")
     return "\n".join(lines)
 
 
