@@ -187,9 +187,6 @@ class Lifecycle(Generic[S]):
         """The triggers that have a transition out of ``state`` (guards not evaluated)."""
         return sorted(self.machine.get_triggers(state.value))
 
-    def state_of(self, value: str) -> S:
-        return self.states(value)
-
 
 def _guard_callable(cls: type, guard: Guard, trigger: str) -> Callable[[EventData], bool]:
     check = _guard_check(cls, guard, trigger)
@@ -209,11 +206,10 @@ def _guard_check(cls: type, guard: Guard, trigger: str) -> Callable[[EventData],
                 f"{cls.__qualname__}.{trigger}: guard {guard!r} is not an attribute of "
                 f"{cls.__qualname__}; define a method {guard}(self, ...) -> bool"
             )
-    if isinstance(target, staticmethod | classmethod):
+    # A static or class method does not take the aggregate; everything else does.
+    call_with_model = not isinstance(target, staticmethod | classmethod)
+    if not call_with_model:
         target = target.__get__(None, cls)
-        call_with_model = isinstance(guard, staticmethod)
-    else:
-        call_with_model = True
     if isinstance(target, property):
         getter = target.fget
         if getter is None:
@@ -241,18 +237,24 @@ def _guard_check(cls: type, guard: Guard, trigger: str) -> Callable[[EventData],
 
 
 def _make_applier(func: Callable[..., None], name: str) -> Callable[..., None]:
-    """The function the recorded event calls: the trigger body, then the state change."""
+    """The function the recorded event calls: the trigger body, then the state change.
 
-    def applier(self: Any, **kwargs: Any) -> None:
-        to_state = kwargs.pop(TO_STATE)
-        func(self, **kwargs)
+    Its signature is the trigger's with ``to_state`` first, so eventsourcing defines the event
+    class with the trigger's arguments plus the destination, and replay can pass them
+    positionally when the trigger's parameters allow it.
+    """
+
+    def applier(self: Any, to_state: str, *args: Any, **kwargs: Any) -> None:
+        func(self, *args, **kwargs)
         self.__dict__[STATE_ATTRIBUTE] = to_state
 
     signature = inspect.signature(func)
+    parameters = list(signature.parameters.values())
     applier.__signature__ = signature.replace(  # type: ignore[attr-defined]
         parameters=[
-            *signature.parameters.values(),
-            inspect.Parameter(TO_STATE, inspect.Parameter.KEYWORD_ONLY, annotation=str),
+            parameters[0],
+            inspect.Parameter(TO_STATE, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str),
+            *parameters[1:],
         ]
     )
     applier.__name__ = f"_cb_apply_{name}"

@@ -130,6 +130,41 @@ class Vase(StateMachineAggregate[Fragile]):
         self.drops += 1
 
 
+class Heat(enum.Enum):
+    COLD = "cold"
+    HOT = "hot"
+
+
+def below_boiling(kettle: Kettle, celsius: int) -> bool:
+    """A module-level guard: any function taking the aggregate first."""
+    return celsius <= 100
+
+
+class Kettle(StateMachineAggregate[Heat]):
+    initial = Heat.COLD
+    max_celsius = 90
+
+    @event("Bought")
+    def __init__(self) -> None:
+        self.celsius = 20
+
+    @staticmethod
+    def sane(celsius: int) -> bool:
+        return celsius > 0
+
+    @classmethod
+    def within_model_limit(cls, celsius: int) -> bool:
+        return celsius <= cls.max_celsius
+
+    @transition(
+        source=Heat.COLD,
+        dest=Heat.HOT,
+        conditions=["sane", "within_model_limit", below_boiling],
+    )
+    def boil(self, celsius: int) -> None:
+        self.celsius = celsius
+
+
 @pytest.fixture(params=["memory", "sqlite"])
 async def store(request: pytest.FixtureRequest, cb_sqlite_url: str) -> AsyncIterator[EventStore]:
     opened = MemoryEventStore() if request.param == "memory" else await open_store(cb_sqlite_url)
@@ -417,3 +452,19 @@ async def test_bank_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
     assert "rejected by its guard(s) covered" in out
     assert "cannot 'deposit' in state 'frozen'" in out
     assert "snapshot at version 125" in out
+
+
+def test_static_class_and_module_level_guards() -> None:
+    kettle = Kettle()
+    with pytest.raises(GuardRejectedError) as caught:
+        kettle.boil(celsius=-3)
+    assert caught.value.rejected_by == ["sane"]
+    with pytest.raises(GuardRejectedError) as caught:
+        kettle.boil(celsius=95)
+    assert caught.value.rejected_by == ["within_model_limit"]
+    with pytest.raises(GuardRejectedError) as caught:
+        kettle.boil(celsius=120)
+    assert caught.value.rejected_by == ["within_model_limit", "below_boiling"]
+    assert kettle.state is Heat.COLD
+    kettle.boil(celsius=80)
+    assert (kettle.state, kettle.celsius) == (Heat.HOT, 80)
