@@ -82,6 +82,7 @@ from eventsourcing.utils import TopicError, get_topic, resolve_topic
 from collaborative_blocks.core.clock import Clock, SystemClock
 from collaborative_blocks.errors import (
     AggregateNotFoundError,
+    ConcurrencyError,
     CorruptRecordError,
     EventSerializationError,
 )
@@ -109,6 +110,7 @@ AggregateId = UUID | str
 """What identifies an aggregate: a UUID (eventsourcing's default) or a string."""
 
 A = TypeVar("A", bound=BaseAggregate[Any])
+R = TypeVar("R")
 
 # --------------------------------------------------------------------------------------------
 # Timestamps from an injected clock
@@ -553,6 +555,39 @@ class Repository:
                 f"{expected_type.__qualname__}; check the id"
             )
         return aggregate
+
+    async def update(
+        self,
+        aggregate_id: AggregateId,
+        expected_type: type[A],
+        command: Callable[[A], R],
+        *,
+        attempts: int = 3,
+        tracking: Tracking | None = None,
+    ) -> R:
+        """Load the aggregate, run ``command`` on it, save; on a conflict, do it all again.
+
+        ``command`` is a plain function that calls the aggregate's command methods (and may
+        return a value, which ``update`` returns). When another writer saved the aggregate in
+        between, the aggregate is reloaded and ``command`` runs again on the fresh state, up
+        to ``attempts`` times in all; then the last
+        :class:`~collaborative_blocks.errors.ConcurrencyError` is raised. An exception from
+        ``command`` itself (an illegal transition, say) propagates at once and nothing is
+        saved. ``command`` may run more than once, so it must only act on the aggregate.
+        """
+        if not isinstance(attempts, int) or attempts < 1:
+            raise ValueError(f"attempts must be an int >= 1, got {attempts!r}")
+        for attempt in range(1, attempts + 1):
+            aggregate = await self.get(aggregate_id, expected_type)
+            result = command(aggregate)
+            try:
+                await self.save(aggregate, tracking=tracking)
+            except ConcurrencyError:
+                if attempt == attempts:
+                    raise
+                continue
+            return result
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def contains(self, aggregate_id: AggregateId) -> bool:
         """Whether any event is stored for ``aggregate_id`` (no replay)."""

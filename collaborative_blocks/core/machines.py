@@ -45,11 +45,11 @@ order.cancel(reason="x")   # IllegalTransitionError: cannot 'cancel' in state 's
 
 Guards (``conditions`` must all be true, ``unless`` must all be false) are methods of the
 aggregate class, given by name or as the function itself (or a property, or any function
-taking the aggregate first). Each is called with the aggregate and those of the trigger's
-arguments its signature names (all of them if it takes ``**kwargs``), and must not change
-anything. They run when the command is issued, never on replay. A trigger may have several
-transitions (stack :func:`transition` decorators): the first whose source matches and whose
-guards pass wins, as in ``transitions``.
+taking the aggregate first; a static or class method is called without it). Each is called
+with those of the trigger's arguments its signature names (all of them if it takes
+``**kwargs``), and must not change anything. They run when the command is issued, never on
+replay. A trigger may have several transitions (stack :func:`transition` decorators): the
+first whose source matches and whose guards pass wins, as in ``transitions``.
 
 The trigger method's body runs first, still in the source state, then the state changes: if
 the body raises, neither the event nor the state change is recorded.
@@ -78,6 +78,7 @@ __all__ = [
     "Guard",
     "Lifecycle",
     "StateMachineAggregate",
+    "Trigger",
     "transition",
 ]
 
@@ -163,7 +164,9 @@ _Declaration = tuple[Callable[..., None], tuple[_TransitionSpec, ...], str]
 
 
 @dataclass(frozen=True, slots=True)
-class _Trigger:
+class Trigger:
+    """One trigger of a lifecycle: its name, the event class it records, its signature."""
+
     name: str
     event_class: type[CanMutateAggregate[Any]]
     signature: inspect.Signature
@@ -181,7 +184,7 @@ class Lifecycle(Generic[S]):
     states: type[S]
     initial: S
     machine: Machine
-    triggers: dict[str, _Trigger] = field(default_factory=dict)
+    triggers: dict[str, Trigger] = field(default_factory=dict)
 
     def allowed(self, state: S) -> list[str]:
         """The triggers that have a transition out of ``state`` (guards not evaluated)."""
@@ -373,7 +376,7 @@ class StateMachineAggregate(Aggregate, Generic[S]):
                 )
             applier_decorator = getattr(cls, f"_cb_apply_{name}")
             event_class = cls._event_class_of(name, applier_decorator)
-            lifecycle.triggers[name] = _Trigger(name, event_class, inspect.signature(func))
+            lifecycle.triggers[name] = Trigger(name, event_class, inspect.signature(func))
         cls._cb_declarations = declarations
         cls.lifecycle = lifecycle
 

@@ -663,3 +663,61 @@ async def test_aggregates_numbered_from_zero(store: EventStore) -> None:
     with pytest.raises(ConcurrencyError):
         await repo.save(twin)
     assert (await repo.get(counter.id, Counter)).count == 1
+
+
+async def test_update_retries_the_command_on_a_fresh_aggregate_after_a_conflict(
+    store: EventStore,
+) -> None:
+    repo = Repository(store)
+    account = Account(owner="ann")
+    await repo.save(account)
+    runs: list[int] = []
+
+    def deposit_once_someone_else_wrote(loaded: Account) -> int:
+        runs.append(loaded.version)
+        loaded.deposit(amount=10)
+        return loaded.balance
+
+    # A competing writer lands between our load and our save, the first time only.
+    original_save = repo.save
+
+    async def racing_save(*aggregates: Any, tracking: Tracking | None = None) -> list[int]:
+        if len(runs) == 1:
+            rival = await repo.get(account.id, Account)
+            rival.deposit(amount=1)
+            await original_save(rival)
+        return await original_save(*aggregates, tracking=tracking)
+
+    repo.save = racing_save  # type: ignore[method-assign]
+    balance = await repo.update(account.id, Account, deposit_once_someone_else_wrote)
+
+    assert runs == [1, 2]  # re-run on the reloaded aggregate
+    assert balance == 11
+    assert (await repo.get(account.id, Account)).balance == 11
+
+
+async def test_update_gives_up_after_the_attempts_and_propagates_command_errors(
+    store: EventStore,
+) -> None:
+    repo = Repository(store)
+    account = Account(owner="ann")
+    await repo.save(account)
+
+    tries: list[int] = []
+
+    async def always_conflicting(*aggregates: Any, tracking: Tracking | None = None) -> list[int]:
+        tries.append(1)
+        raise ConcurrencyError(str(account.id), 1, 2)
+
+    plain_save = repo.save
+    repo.save = always_conflicting  # type: ignore[method-assign]
+    with pytest.raises(ConcurrencyError):
+        await repo.update(account.id, Account, lambda a: a.deposit(amount=1), attempts=2)
+    assert len(tries) == 2
+    repo.save = plain_save  # type: ignore[method-assign]
+
+    with pytest.raises(ValueError, match="insufficient funds"):
+        await repo.update(account.id, Account, lambda a: a.withdraw(amount=5))
+    with pytest.raises(ValueError, match="attempts"):
+        await repo.update(account.id, Account, lambda a: None, attempts=0)
+    assert (await repo.get(account.id, Account)).version == 1
