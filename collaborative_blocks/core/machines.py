@@ -191,8 +191,10 @@ class Lifecycle(Generic[S]):
         return sorted(self.machine.get_triggers(state.value))
 
 
-def _guard_callable(cls: type, guard: Guard, trigger: str) -> Callable[[EventData], bool]:
-    check = _guard_check(cls, guard, trigger)
+def _guard_callable(
+    cls: type, guard: Guard, trigger: str, arguments: frozenset[str]
+) -> Callable[[EventData], bool]:
+    check = _guard_check(cls, guard, trigger, arguments)
     name = guard if isinstance(guard, str) else getattr(guard, "__name__", None)
     if name is None and isinstance(guard, property) and guard.fget is not None:
         name = guard.fget.__name__
@@ -200,7 +202,9 @@ def _guard_callable(cls: type, guard: Guard, trigger: str) -> Callable[[EventDat
     return check
 
 
-def _guard_check(cls: type, guard: Guard, trigger: str) -> Callable[[EventData], bool]:
+def _guard_check(
+    cls: type, guard: Guard, trigger: str, arguments: frozenset[str]
+) -> Callable[[EventData], bool]:
     target: Any = guard
     if isinstance(guard, str):
         target = inspect.getattr_static(cls, guard, None)
@@ -226,6 +230,23 @@ def _guard_check(cls: type, guard: Guard, trigger: str) -> Callable[[EventData],
     parameters = inspect.signature(target).parameters
     takes_all = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
     names = frozenset(parameters)
+    # Catch a guard that needs an argument the trigger never passes when the class is
+    # defined, not when a command first reaches it.
+    own = list(parameters.values())[1 if call_with_model else 0 :]
+    needed = [
+        p.name
+        for p in own
+        if p.default is p.empty
+        and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        and p.name not in arguments
+    ]
+    if needed:
+        label = guard if isinstance(guard, str) else getattr(guard, "__name__", repr(guard))
+        raise TypeError(
+            f"{cls.__qualname__}.{trigger}: guard {label!r} needs {', '.join(needed)}, which "
+            f"{trigger}() does not take; give the guard's parameters the names of the "
+            "trigger's arguments, or defaults"
+        )
     func = cast(Callable[..., Any], target)
 
     def check(data: EventData) -> bool:
@@ -361,6 +382,7 @@ class StateMachineAggregate(Aggregate, Generic[S]):
             owner=cls.__qualname__, states=states, initial=initial, machine=machine
         )
         for name, (func, specs, _event_name) in declarations.items():
+            arguments = frozenset(list(inspect.signature(func).parameters)[1:])
             for spec in specs:
                 if spec.sources == "*":
                     source: Any = "*"
@@ -371,8 +393,8 @@ class StateMachineAggregate(Aggregate, Generic[S]):
                     trigger=name,
                     source=source,
                     dest=dest,
-                    conditions=[_guard_callable(cls, g, name) for g in spec.conditions],
-                    unless=[_guard_callable(cls, g, name) for g in spec.unless],
+                    conditions=[_guard_callable(cls, g, name, arguments) for g in spec.conditions],
+                    unless=[_guard_callable(cls, g, name, arguments) for g in spec.unless],
                 )
             applier_decorator = getattr(cls, f"_cb_apply_{name}")
             event_class = cls._event_class_of(name, applier_decorator)

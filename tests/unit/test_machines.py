@@ -390,6 +390,18 @@ def test_declaration_mistakes_are_reported_when_the_class_is_defined() -> None:
             def pay(self, to_state: str) -> None:
                 pass
 
+    def needs_amount(self: object, amount: int) -> bool:
+        return amount > 0
+
+    with pytest.raises(TypeError, match="guard 'needs_amount' needs amount, which pay"):
+
+        class WrongGuard(StateMachineAggregate[OrderState]):
+            initial = OrderState.NEW
+
+            @transition(source=OrderState.NEW, dest=OrderState.PAID, conditions=needs_amount)
+            def pay(self, total: int) -> None:
+                pass
+
     with pytest.raises(TypeError, match="guard 'nope' is not an attribute"):
 
         class UnknownGuard(StateMachineAggregate[OrderState]):
