@@ -10,7 +10,11 @@ Added to what the suite runs by default:
 - ``test_insert_subscribe`` calls the suite's ``optional_test_insert_subscribe`` (eventsourcing
   leaves subscriptions optional; we implement them, so we run it);
 - ``NonInterleavingNotificationIDsBaseCase``: two 1,000-event inserts racing from two threads
-  get contiguous, non-interleaved notification ids.
+  get contiguous, non-interleaved notification ids;
+- ``ExampleApplicationTestCase`` (from ``eventsourcing.tests.application``): eventsourcing's
+  example bank application, snapshots included;
+- an unmodified eventsourcing application in a child process writes, and a subscription here
+  follows it (PostgreSQL).
 
 Nothing of the suite is skipped. ``InfrastructureFactoryTestCase`` sets ``CREATE_TABLE=f``
 to exercise a "don't create tables" path: our stores create their schema when opened, so the
@@ -22,7 +26,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import subprocess
+import sys
 import tempfile
+import threading
 import uuid
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -32,6 +39,7 @@ from eventsourcing.persistence import (
     AggregateRecorder,
     ApplicationRecorder,
     InfrastructureFactory,
+    Notification,
     ProcessRecorder,
     TrackingRecorder,
 )
@@ -328,3 +336,59 @@ class TestPostgresInfrastructureFactory(FactoryEnv, suite.InfrastructureFactoryT
 @pytest.mark.postgres
 class TestPostgresExampleApplication(ExampleApplicationEnv, app_suite.ExampleApplicationTestCase):
     backend = PostgresBackend()
+
+
+# -- across processes -------------------------------------------------------------------------
+
+_WRITER = """
+from eventsourcing.application import Application
+from eventsourcing.domain import Aggregate
+
+app = Application()
+for _ in range({count}):
+    aggregate = Aggregate()
+    aggregate.trigger_event(Aggregate.Event)
+    app.save(aggregate)
+app.close()
+"""
+
+
+@pytest.mark.postgres
+def test_a_subscription_follows_an_application_in_another_process() -> None:
+    """eventsourcing in a child process writes; our subscription here sees it on PostgreSQL."""
+    cleanups: list[Callable[[], object]] = []
+    url = PostgresBackend().new_url(cleanups.append)
+    factory = EventStoreFactory(Environment(env={"EVENT_STORE_URL": url}))
+    try:
+        recorder = factory.application_recorder()
+        received: list[Notification] = []
+        with recorder.subscribe(gt=None) as subscription:
+            # A guard, not a timing assertion: if nothing arrives, end the test instead of
+            # hanging; the assertions below then fail.
+            guard = threading.Timer(120, subscription.stop)
+            guard.start()
+
+            def consume() -> None:
+                for notification in subscription:
+                    received.append(notification)
+                    if len(received) == 6:
+                        break
+
+            consumer = threading.Thread(target=consume)
+            consumer.start()
+            env = {
+                **os.environ,
+                "PERSISTENCE_MODULE": PERSISTENCE_MODULE,
+                "EVENT_STORE_URL": url,
+            }
+            subprocess.run(
+                [sys.executable, "-c", _WRITER.format(count=3)], env=env, check=True, timeout=120
+            )
+            consumer.join()
+            guard.cancel()
+        assert [n.id for n in received] == [1, 2, 3, 4, 5, 6]
+        assert [n.topic.rsplit(".", 1)[-1] for n in received] == ["Created", "Event"] * 3
+    finally:
+        factory.close()
+        for cleanup in reversed(cleanups):
+            cleanup()
