@@ -677,6 +677,7 @@ class Repository:
         entries = self._topics
         decode = self._decode
         attributes: dict[str, Any] | None = None
+        checked: Any = None  # the aggregate ``attributes`` belongs to
         for event in events:
             entry = entries.get(event.topic) or self._entry(event)
             try:
@@ -689,7 +690,8 @@ class Repository:
                 self._upcast(event, entry, state)
             fast_apply = entry.fast_apply
             if aggregate is not None and fast_apply is not None:
-                if attributes is None:
+                if checked is not aggregate:
+                    checked = aggregate
                     attributes = _plain_attributes(aggregate)
                 # Inlined CanMutateAggregate.mutate: same checks and the same order.
                 version = event.version
@@ -706,7 +708,6 @@ class Repository:
                     aggregate.version = version
                     aggregate.modified_on = state["timestamp"]
                 continue
-            attributes = None
             state["originator_id"] = entry.id_convertor(event.stream)
             state["originator_version"] = event.version
             domain_event: Any = object.__new__(entry.cls)
