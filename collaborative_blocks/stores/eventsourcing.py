@@ -71,6 +71,7 @@ from collaborative_blocks.stores.base import (
     NewEvent,
     Snapshot,
     Tracking,
+    validate_append,
 )
 from collaborative_blocks.stores.base import StoredEvent as CBStoredEvent
 
@@ -517,11 +518,9 @@ class _Handoff(Generic[T]):
 
 async def _save_snapshots(store: EventStore, snapshots: Sequence[Snapshot]) -> None:
     for snapshot in snapshots:
-        if not isinstance(snapshot.state, bytes | bytearray | memoryview):
-            raise EventSerializationError(
-                f"snapshot of {snapshot.stream!r}: state must be bytes, got "
-                f"{type(snapshot.state).__name__}"
-            )
+        # The same checks as for events (stream id, topic, bytes), before anything is saved.
+        validate_append(snapshot.stream, [NewEvent(snapshot.topic, snapshot.state)], None)
+    for snapshot in snapshots:
         await store.save_snapshot(snapshot)
 
 

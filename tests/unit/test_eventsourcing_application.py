@@ -34,6 +34,7 @@ from hypothesis import strategies as st
 from collaborative_blocks.errors import (
     ConcurrencyError,
     ConfigurationError,
+    EventSerializationError,
     StoreClosedError,
     UnknownSchemeError,
 )
@@ -550,6 +551,11 @@ def test_snapshot_recorder_keeps_the_newest_snapshot(memory_env: None) -> None:
         snapshots.insert_events([snapshot(7)])
         assert snapshots.select_events("acc", lte=7, desc=True, limit=1) == [snapshot(7)]
         assert snapshots.select_events("other") == []
+        # Bad input is refused before anything is saved, naming what was wrong.
+        bad = StoredEvent(originator_id="acc", originator_version=9, topic="", state=b"")
+        with pytest.raises(EventSerializationError, match="topic"):
+            snapshots.insert_events([bad])
+        assert snapshots.select_events("acc", desc=True, limit=1) == [snapshot(7)]
         # Snapshots are not in the log.
         assert factory.application_recorder().max_notification_id() is None
     finally:
