@@ -34,6 +34,9 @@ UUID, or the string id itself for string-id aggregates), exactly the ``originato
 eventsourcing's own SQL recorders store, so an eventsourcing application and this repository
 can read each other's aggregates. Versions are eventsourcing's ``originator_version``.
 
+``event`` here is eventsourcing's ``@event`` decorator, re-exported so one import brings the
+whole domain-model vocabulary.
+
 Encoding is eventsourcing's :class:`~eventsourcing.persistence.Mapper` (JSON transcoding,
 optional compression and AES cipher, ``class_version`` upcasting), unchanged on the write
 path. The read path decodes the same bytes with the same transcoder, cipher and compressor
@@ -64,6 +67,7 @@ from eventsourcing.domain import (
     CanMutateAggregate,
     DecoratedFuncCaller,
     OriginatorVersionError,
+    event,
 )
 from eventsourcing.domain import Snapshot as DomainSnapshot
 from eventsourcing.persistence import (
@@ -100,6 +104,7 @@ __all__ = [
     "AggregateId",
     "Repository",
     "default_mapper",
+    "event",
     "event_clock",
     "stream_for",
 ]
@@ -678,23 +683,23 @@ class Repository:
         decode = self._decode
         attributes: dict[str, Any] | None = None
         checked: Any = None  # the aggregate ``attributes`` belongs to
-        for event in events:
-            entry = entries.get(event.topic) or self._entry(event)
+        for record in events:
+            entry = entries.get(record.topic) or self._entry(record)
             try:
-                state = decode(event.state)
+                state = decode(record.state)
             except Exception:
-                state = self._decode_state(event, entry)  # raises the typed error
+                state = self._decode_state(record, entry)  # raises the typed error
             if type(state) is not dict:
-                state = self._decode_state(event, entry)  # raises the typed error
+                state = self._decode_state(record, entry)  # raises the typed error
             if entry.class_version > 1 or "class_version" in state:
-                self._upcast(event, entry, state)
+                self._upcast(record, entry, state)
             fast_apply = entry.fast_apply
             if aggregate is not None and fast_apply is not None:
                 if checked is not aggregate:
                     checked = aggregate
                     attributes = _plain_attributes(aggregate)
                 # Inlined CanMutateAggregate.mutate: same checks and the same order.
-                version = event.version
+                version = record.version
                 if attributes is not None:
                     if version != attributes["_version"] + 1:
                         raise OriginatorVersionError(version, attributes["_version"] + 1)
@@ -708,8 +713,8 @@ class Repository:
                     aggregate.version = version
                     aggregate.modified_on = state["timestamp"]
                 continue
-            state["originator_id"] = entry.id_convertor(event.stream)
-            state["originator_version"] = event.version
+            state["originator_id"] = entry.id_convertor(record.stream)
+            state["originator_version"] = record.version
             domain_event: Any = object.__new__(entry.cls)
             object.__setattr__(domain_event, "__dict__", state)
             aggregate = cast(Any, domain_event).mutate(aggregate)
