@@ -7,6 +7,7 @@ in them knows about Collaborative Blocks. Only the environment points them at ou
 
 from __future__ import annotations
 
+import tempfile
 import threading
 from collections.abc import Iterator
 from copy import deepcopy
@@ -615,10 +616,11 @@ def _is_forward_only(batch: list[tuple[str, int]], versions: dict[str, int]) -> 
     return True
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(steps=st.lists(st.tuples(_insert, _tracking), min_size=1, max_size=8))
 def test_process_recorder_answers_like_eventsourcings_popo_recorder(
-    steps: list[tuple[list[tuple[str, int]], int | None]],
+    kind: str, steps: list[tuple[list[tuple[str, int]], int | None]]
 ) -> None:
     """Random inserts (with conflicts) and tracking give the same ids, errors and contents.
 
@@ -627,7 +629,9 @@ def test_process_recorder_answers_like_eventsourcings_popo_recorder(
     raises IntegrityError and changes nothing.
     """
     reference = POPOProcessRecorder()
-    factory = EventStoreFactory(Environment(env={"EVENT_STORE_URL": "memory://"}))
+    directory = tempfile.TemporaryDirectory(prefix="cb-es-popo-")
+    url = "memory://" if kind == "memory" else f"sqlite+aiosqlite:///{directory.name}/e.db"
+    factory = EventStoreFactory(Environment(env={"EVENT_STORE_URL": url}))
     try:
         ours = factory.process_recorder()
         stored: dict[str, int] = {}
@@ -662,3 +666,4 @@ def test_process_recorder_answers_like_eventsourcings_popo_recorder(
         assert ours.max_tracking_id("upstream") == reference.max_tracking_id("upstream")
     finally:
         factory.close()
+        directory.cleanup()
