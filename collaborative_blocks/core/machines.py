@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import enum
 import inspect
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar, cast
@@ -79,6 +79,7 @@ __all__ = [
     "Lifecycle",
     "StateMachineAggregate",
     "Trigger",
+    "Upcaster",
     "transition",
 ]
 
@@ -95,6 +96,10 @@ STATE_ATTRIBUTE = "_cb_state"
 TO_STATE = "to_state"
 _SPEC_ATTRIBUTE = "__cb_transitions__"
 _EVENT_NAME_ATTRIBUTE = "__cb_event_name__"
+_UPCASTERS_ATTRIBUTE = "__cb_upcasters__"
+
+Upcaster = Callable[[dict[str, Any]], None]
+"""Changes a stored event's state dict, in place, from one class version to the next."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +117,7 @@ def transition(
     conditions: Guard | Iterable[Guard] = (),
     unless: Guard | Iterable[Guard] = (),
     event: str | None = None,
+    upcasters: Sequence[Upcaster] = (),
 ) -> Callable[[F], F]:
     """Declare the decorated method as a trigger of the aggregate's state machine.
 
@@ -126,6 +132,13 @@ def transition(
     so it must only change the aggregate from its arguments. Stack several ``@transition``
     decorators for a trigger with several (source, dest) pairs; the first one whose source
     matches and whose guards pass is taken.
+
+    ``upcasters``: schema evolution of the recorded event. When the method's parameters
+    change, append a function that turns the stored state dict of the previous version into
+    the current one (add a field with a default, rename one...). With N upcasters the event
+    class is at ``class_version`` N + 1 and events stored by older versions are upcast, one
+    step after another, as they are loaded (eventsourcing's ``upcast_vX_vY`` mechanism).
+    Give them on one of a stacked trigger's decorators.
     """
     if source == "*":
         sources: tuple[enum.Enum, ...] | Literal["*"] = "*"
@@ -149,6 +162,13 @@ def transition(
         setattr(func, _SPEC_ATTRIBUTE, tuple(specs))
         if event is not None:
             setattr(func, _EVENT_NAME_ATTRIBUTE, event)
+        if upcasters:
+            if getattr(func, _UPCASTERS_ATTRIBUTE, None) is not None:
+                raise TypeError(
+                    f"{func.__qualname__}: upcasters given on two @transition decorators; "
+                    "give them once"
+                )
+            setattr(func, _UPCASTERS_ATTRIBUTE, tuple(upcasters))
         return func
 
     return decorate
@@ -398,6 +418,14 @@ class StateMachineAggregate(Aggregate, Generic[S]):
                 )
             applier_decorator = getattr(cls, f"_cb_apply_{name}")
             event_class = cls._event_class_of(name, applier_decorator)
+            upcasters: tuple[Upcaster, ...] = getattr(func, _UPCASTERS_ATTRIBUTE, ())
+            if upcasters:
+                # Where eventsourcing's Mapper (writing) and the Repository (reading) look.
+                cast(Any, event_class).class_version = len(upcasters) + 1
+                for version, upcaster in enumerate(upcasters, 1):
+                    setattr(
+                        event_class, f"upcast_v{version}_v{version + 1}", staticmethod(upcaster)
+                    )
             lifecycle.triggers[name] = Trigger(name, event_class, inspect.signature(func))
         cls._cb_declarations = declarations
         cls.lifecycle = lifecycle

@@ -10,7 +10,7 @@ import json
 import re
 import sys
 import types
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -480,3 +480,108 @@ def test_static_class_and_module_level_guards() -> None:
     assert kettle.state is Heat.COLD
     kettle.boil(celsius=80)
     assert (kettle.state, kettle.celsius) == (Heat.HOT, 80)
+
+
+# -- schema evolution of transition events ------------------------------------------------------
+
+MACHINE_MODULE = "cb_test_machine_evolution"
+
+TICKET_V1 = """
+import enum
+from collaborative_blocks.core.machines import StateMachineAggregate, transition
+
+class Stage(enum.Enum):
+    OPEN = "open"
+    SOLD = "sold"
+
+class Ticket(StateMachineAggregate[Stage]):
+    initial = Stage.OPEN
+
+    @transition(source=Stage.OPEN, dest=Stage.SOLD)
+    def sell(self, price: int) -> None:
+        self.price = price
+"""
+
+# Version 2 prices in cents with a currency; version 3 renames the buyer field.
+TICKET_V3 = """
+import enum
+from typing import Any
+from collaborative_blocks.core.machines import StateMachineAggregate, transition
+
+class Stage(enum.Enum):
+    OPEN = "open"
+    SOLD = "sold"
+
+def to_cents(state: dict[str, Any]) -> None:
+    state["cents"] = state.pop("price") * 100
+    state["currency"] = "EUR"
+
+def add_buyer(state: dict[str, Any]) -> None:
+    state["buyer"] = "unknown"
+
+class Ticket(StateMachineAggregate[Stage]):
+    initial = Stage.OPEN
+
+    @transition(source=Stage.OPEN, dest=Stage.SOLD, upcasters=[to_cents, add_buyer])
+    def sell(self, cents: int, currency: str, buyer: str) -> None:
+        self.cents = cents
+        self.currency = currency
+        self.buyer = buyer
+"""
+
+
+def _install_machine_module(source: str) -> types.ModuleType:
+    for topic in [t for t in _topic_cache if t.startswith(MACHINE_MODULE)]:
+        del _topic_cache[topic]
+    for cls in [c for c in _type_cache if getattr(c, "__module__", "") == MACHINE_MODULE]:
+        del _type_cache[cls]
+    module = types.ModuleType(MACHINE_MODULE)
+    sys.modules[MACHINE_MODULE] = module
+    exec(compile(source, f"<{MACHINE_MODULE}>", "exec"), module.__dict__)
+    return module
+
+
+@pytest.fixture
+def machine_module() -> Iterator[None]:
+    yield
+    sys.modules.pop(MACHINE_MODULE, None)
+    for topic in [t for t in _topic_cache if t.startswith(MACHINE_MODULE)]:
+        del _topic_cache[topic]
+
+
+@pytest.mark.usefixtures("machine_module")
+async def test_transition_events_of_an_old_version_load_through_upcasters(
+    store: EventStore,
+) -> None:
+    v1 = _install_machine_module(TICKET_V1)
+    ticket = v1.Ticket()
+    ticket.sell(price=12)
+    await Repository(store).save(ticket)
+
+    v3 = _install_machine_module(TICKET_V3)
+    assert v3.Ticket.lifecycle.triggers["sell"].event_class.class_version == 3
+    repo = Repository(store)
+    loaded = await repo.get(ticket.id, v3.Ticket)
+    assert loaded.state.value == "sold"
+    assert (loaded.cents, loaded.currency, loaded.buyer) == (1200, "EUR", "unknown")
+
+    # New events are written at version 3 and load without upcasting.
+    fresh = v3.Ticket()
+    fresh.sell(cents=500, currency="USD", buyer="bo")
+    await repo.save(fresh)
+    stored = await store.read(str(fresh.id))
+    assert json.loads(stored[-1].state)["class_version"] == 3
+    again = await repo.get(fresh.id, v3.Ticket)
+    assert (again.cents, again.currency, again.buyer) == (500, "USD", "bo")
+
+
+def test_upcasters_are_given_once_per_trigger() -> None:
+    with pytest.raises(TypeError, match="upcasters given on two"):
+
+        class Twice(StateMachineAggregate[OrderState]):
+            initial = OrderState.NEW
+
+            @transition(source=OrderState.NEW, dest=OrderState.PAID, upcasters=[dict.clear])
+            @transition(source=OrderState.PAID, dest=OrderState.NEW, upcasters=[dict.clear])
+            def flip(self) -> None:
+                pass
