@@ -3,11 +3,8 @@ illegal ones record nothing, replay rebuilds the state."""
 
 from __future__ import annotations
 
-import ast
 import enum
-import inspect
 import json
-import re
 import sys
 import types
 from collections.abc import AsyncIterator, Iterator
@@ -412,39 +409,7 @@ def test_declaration_mistakes_are_reported_when_the_class_is_defined() -> None:
                 pass
 
 
-DOCS_PAGE = Path(__file__).resolve().parents[2] / "docs" / "aggregates.md"
-DOCS_MODULE = "cb_docs_aggregates_page"
 BANK_EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "bank.py"
-
-
-async def test_aggregates_page_runs() -> None:
-    """docs/aggregates.md, block after block, as one importable module (eventsourcing resolves
-    classes by module path, so the page cannot run in a bare namespace)."""
-    text = DOCS_PAGE.read_text()
-    sources = re.findall(r"^```python[^\n]*\n(.*?)^```", text, re.S | re.M)
-    assert len(sources) >= 8
-    module = types.ModuleType(DOCS_MODULE)
-    sys.modules[DOCS_MODULE] = module
-    try:
-        for number, source in enumerate(sources, 1):
-            code = compile(
-                ast.parse(source, f"aggregates.md block {number}"),
-                f"aggregates.md block {number}",
-                "exec",
-                flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT,
-            )
-            result = eval(code, module.__dict__)  # running our own docs is the point
-            if inspect.iscoroutine(result):
-                await result
-    finally:
-        store = module.__dict__.get("store")
-        if store is not None:
-            await store.close()
-        del sys.modules[DOCS_MODULE]
-        for topic in [t for t in _topic_cache if t.startswith(DOCS_MODULE)]:
-            del _topic_cache[topic]
-        for cls in [c for c in _type_cache if getattr(c, "__module__", "") == DOCS_MODULE]:
-            del _type_cache[cls]
 
 
 async def test_bank_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
