@@ -34,6 +34,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "collaborative_blocks.plugins.stores",
     "collaborative_blocks.plugins.transports.memory",
     "collaborative_blocks.plugins.transports.redis",
+    "collaborative_blocks.plugins.transports.nats",
 )
 
 

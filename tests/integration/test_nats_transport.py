@@ -1,0 +1,208 @@
+"""The NATS JetStream transport against the NATS server on this machine."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+
+from collaborative_blocks.core.clock import Clock, SystemClock
+from collaborative_blocks.core.messaging.envelope import DeliveryGuarantee, Message, MessageType
+from collaborative_blocks.core.messaging.transport import Delivery, Subscription, Transport
+from collaborative_blocks.core.randomness import new_random
+from collaborative_blocks.core.runtime import Runtime
+from collaborative_blocks.errors import ConfigurationError, TransportUnavailableError
+from collaborative_blocks.plugins.transports.nats import (
+    NatsJetStreamTransport,
+    NatsTransportFactory,
+    open_nats_transport,
+)
+from collaborative_blocks.testing.services import require_nats
+from collaborative_blocks.testing.transport_conformance import (
+    TransportConformance,
+    body_message,
+)
+
+pytestmark = pytest.mark.nats
+
+NATS_URL = "nats://127.0.0.1:4222"
+
+
+def _test_url(**extra: str) -> str:
+    # A stream and a subject prefix per test: tests never see each other's messages.
+    tag = uuid.uuid4().hex[:10]
+    query = {"stream": f"CBTEST_{tag}", "prefix": f"cbtest{tag}", "storage": "memory", **extra}
+    return NATS_URL + "?" + "&".join(f"{k}={v}" for k, v in query.items())
+
+
+async def _delete_stream(transport: NatsJetStreamTransport) -> None:
+    import nats
+
+    nc = await nats.connect(NATS_URL)
+    try:
+        await nc.jetstream().delete_stream(transport.stream)
+    finally:
+        await nc.close()
+
+
+class TestNatsConformance(TransportConformance):
+    virtual_time = False
+    ack_timeout = 1.0
+
+    @pytest.fixture
+    async def transport(self, clock: Clock) -> AsyncIterator[Transport]:
+        require_nats()
+        transport = await NatsTransportFactory().open(_test_url(), runtime=Runtime(clock=clock))
+        assert isinstance(transport, NatsJetStreamTransport)
+        try:
+            yield transport
+        finally:
+            await transport.close()
+            await _delete_stream(transport)
+
+
+@pytest.fixture
+async def nats_transport() -> AsyncIterator[NatsJetStreamTransport]:
+    require_nats()
+    transport = await open_nats_transport(_test_url(), clock=SystemClock())
+    try:
+        yield transport
+    finally:
+        await transport.close()
+        await _delete_stream(transport)
+
+
+async def _fetch(subscription: Subscription, count: int = 1) -> list[Delivery]:
+    return list(await asyncio.wait_for(subscription.fetch(count), 20))
+
+
+def _message(n: int) -> Message:
+    return Message.new(
+        MessageType.COMMAND,
+        "ship",
+        {"n": n},
+        now=SystemClock().now(),
+        rng=new_random(n),
+        source="test",
+        target="billing",
+    )
+
+
+async def test_declares_every_guarantee_and_crash_safety(
+    nats_transport: NatsJetStreamTransport,
+) -> None:
+    capabilities = nats_transport.capabilities
+    assert capabilities.guarantees == frozenset(DeliveryGuarantee)
+    assert capabilities.survives_consumer_crash
+
+
+async def test_unreachable_server_at_start_up_is_a_typed_error_naming_the_url() -> None:
+    with pytest.raises(TransportUnavailableError, match=r"127\.0\.0\.1:1\b") as caught:
+        await open_nats_transport("nats://127.0.0.1:1", clock=SystemClock())
+    assert "nats-server -js" in str(caught.value)
+
+
+async def test_unknown_option_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigurationError, match="retension"):
+        await open_nats_transport(f"{NATS_URL}?retension=interest", clock=SystemClock())
+
+
+async def test_subjects_nats_cannot_carry_are_escaped(
+    nats_transport: NatsJetStreamTransport,
+) -> None:
+    subject = "cb.inbox.billing team*>"
+    assert " " not in nats_transport.nats_subject(subject)
+    subscription = await nats_transport.subscribe(subject, group="g g", consumer="c1")
+    await nats_transport.publish(subject, b"payload")
+    delivery = (await _fetch(subscription))[0]
+    assert delivery.subject == subject
+    assert delivery.body == b"payload"
+    await delivery.ack()
+
+
+async def test_a_publish_repeated_with_the_same_message_id_is_stored_once(
+    nats_transport: NatsJetStreamTransport,
+) -> None:
+    subject = "cb.inbox.billing"
+    subscription = await nats_transport.subscribe(subject, group="g", consumer="c1")
+    first, second = _message(1), _message(2)
+    # A producer that lost the publish reply sends again: the Nats-Msg-Id header makes
+    # JetStream drop the repeat.
+    await nats_transport.publish(subject, first)
+    await nats_transport.publish(subject, first)
+    await nats_transport.publish(subject, second)
+    got: list[Delivery] = []
+    while len(got) < 2:
+        got.extend(await _fetch(subscription, 10))
+    assert [body_message(d.body).id for d in got] == [first.id, second.id]
+    for delivery in got:
+        await delivery.ack()
+    info = await nats_transport._js.stream_info(nats_transport.stream)
+    assert info.state.messages <= 2  # interest retention: acked messages may already be gone
+
+
+async def test_redelivery_after_ack_wait_counts_attempts(
+    nats_transport: NatsJetStreamTransport,
+) -> None:
+    subject = "orders"
+    subscription = await nats_transport.subscribe(
+        subject, group="g", consumer="c1", ack_timeout=0.5
+    )
+    await nats_transport.publish(subject, b"once")
+    first = (await _fetch(subscription))[0]
+    assert first.attempt == 1
+    second = (await _fetch(subscription))[0]
+    assert second.body == b"once"
+    assert second.attempt == 2
+    await second.ack()
+
+
+async def test_competing_consumers_each_get_a_share_and_none_twice(
+    nats_transport: NatsJetStreamTransport,
+) -> None:
+    subject = "work"
+    workers = [
+        await nats_transport.subscribe(subject, group="g", consumer=f"c{i}", prefetch=5)
+        for i in range(3)
+    ]
+    total = 60
+    for n in range(total):
+        await nats_transport.publish(subject, f"m{n}".encode())
+    seen: dict[int, list[bytes]] = {i: [] for i in range(3)}
+    while sum(len(v) for v in seen.values()) < total:
+        for index, worker in enumerate(workers):
+            for delivery in await _fetch(worker, 5):
+                assert isinstance(delivery.body, bytes)
+                seen[index].append(delivery.body)
+                await delivery.ack()
+            if sum(len(v) for v in seen.values()) >= total:
+                break
+    everything = [body for bodies in seen.values() for body in bodies]
+    assert len(everything) == len(set(everything)) == total
+    assert all(seen[i] for i in range(3)), f"a consumer got no share: {seen}"
+
+
+async def test_in_progress_keeps_a_long_handler_s_message(
+    nats_transport: NatsJetStreamTransport,
+) -> None:
+    subject = "slow"
+    mine = await nats_transport.subscribe(subject, group="g", consumer="c1", ack_timeout=1.0)
+    other = await nats_transport.subscribe(subject, group="g", consumer="c2", ack_timeout=1.0)
+    await nats_transport.publish(subject, b"slow")
+    await nats_transport.publish(subject, b"marker")
+    delivery = (await _fetch(mine))[0]
+    assert delivery.body == b"slow"
+    marker = (await _fetch(other))[0]
+    assert marker.body == b"marker"
+    await marker.ack()
+    # Three ack waits pass while the handler reports progress; nobody else gets the message.
+    waiting = asyncio.ensure_future(other.fetch(1))
+    for _ in range(6):
+        assert hasattr(delivery, "in_progress")
+        await delivery.in_progress()
+        done, _ = await asyncio.wait({waiting}, timeout=0.5)
+        assert not done, "a message in progress was redelivered"
+    await delivery.ack()
+    waiting.cancel()
