@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import AsyncIterator, Sequence
 from typing import Annotated, Any
 
 import typer
@@ -90,6 +92,33 @@ def _events_table(title: str, events: list[StoredEvent]) -> Table:
             _state_cell(event.state),
         )
     return table
+
+
+async def follow(
+    store: EventStore, start: int, topics: Sequence[str], idle: float
+) -> AsyncIterator[StoredEvent]:
+    """``store.subscribe`` that also sees other processes' commits on an in-process store.
+
+    A store's live signal may only fire for commits of this process (SQLite's does): the
+    tail runs in its own process, so after ``idle`` seconds without an event it subscribes
+    again from the next position, and the subscription's catch-up read finds what others
+    committed. Only events already handed out advance the position: no gap, no duplicate.
+    """
+    next_position = start
+    while True:
+        events = store.subscribe(from_position=next_position, topics=topics)
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(anext(events), idle)
+                except TimeoutError:
+                    break
+                next_position = event.position + 1
+                yield event
+        finally:
+            close = getattr(events, "aclose", None)
+            if close is not None:
+                await close()
 
 
 @app.command("streams")
@@ -195,6 +224,15 @@ def tail_command(
         int | None, typer.Option(min=1, help="Stop after this many events (for scripts).")
     ] = None,
     topic: TopicOption = None,
+    poll: Annotated[
+        float,
+        typer.Option(
+            min=0.01,
+            metavar="SECONDS",
+            help="When idle this long, catch up again: sees commits of other processes on "
+            "stores that only signal their own (SQLite).",
+        ),
+    ] = 1.0,
     store: StoreOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -211,7 +249,7 @@ def tail_command(
             if not as_json:
                 console.print(f"[dim]following {es.url} from position {start}[/]")
             seen = 0
-            async for event in es.subscribe(from_position=start, topics=topics):
+            async for event in follow(es, start, topics, poll):
                 if as_json:
                     print(json.dumps(event_json(event)), flush=True)
                 else:

@@ -46,11 +46,24 @@ class FixtureStore(MemoryEventStore):
         await self.append("account-2", [NewEvent("Live", b'{"n": 2}')], expected_version=2)
 
 
+class NeverWaiter(CommitWaiter):
+    async def wait(self) -> None:
+        await asyncio.Event().wait()
+
+
+class OtherProcessStore(FixtureStore):
+    """Its live signal never fires, as when the commits come from another process."""
+
+    def _new_events_waiter(self) -> CommitWaiter:
+        super()._new_events_waiter()
+        return NeverWaiter()
+
+
 class FixtureStoreFactory:
-    schemes = ("fixture",)
+    schemes = ("fixture", "otherprocess")
 
     async def open(self, url: str, *, clock: Clock) -> EventStore:
-        store = FixtureStore()
+        store = OtherProcessStore() if url.startswith("otherprocess") else FixtureStore()
         await store.append(
             "account-1",
             [NewEvent("Opened", b'{"owner": "ada"}'), NewEvent("Deposited", b'{"amount": 5}')],
@@ -161,6 +174,14 @@ def test_tail_from_the_end_shows_only_new_events() -> None:
     assert "following fixture:// from position 4" in out
     assert "Live" in out
     assert "Opened" not in out
+
+
+def test_tail_sees_commits_its_store_does_not_signal() -> None:
+    code, out, _ = cblocks(
+        "events", "tail", "--count", "2", "--poll", "0.05", "--store", "otherprocess://", "--json"
+    )
+    assert code == 0
+    assert [json.loads(line)["position"] for line in out.splitlines()] == [4, 5]
 
 
 def test_stats() -> None:
