@@ -11,7 +11,7 @@ from collaborative_blocks.cli._common import CliState, guarded
 
 app = typer.Typer(
     name="cblocks",
-    help="Collaborative Blocks: event log, plugins, benchmarks.",
+    help="Collaborative Blocks: the event log, plugins, the demo, benchmarks.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
     add_completion=False,
