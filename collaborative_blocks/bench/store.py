@@ -32,6 +32,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -266,13 +267,20 @@ def _es_postgres_recorder(pg: _Postgres, database: str) -> Iterator[Any]:
         factory.close()
 
 
-async def _es_concurrent(recorder: Any, tasks: int, per_task: int) -> float:
+async def _es_concurrent(
+    recorder: Any, tasks: int, per_task: int, executor: ThreadPoolExecutor | None = None
+) -> float:
+    """``executor=None`` is exactly ``asyncio.to_thread`` (the loop's default executor)."""
     originators = [uuid.uuid4() for _ in range(tasks)]
+    loop = asyncio.get_running_loop()
 
     async def worker(originator: uuid.UUID) -> None:
         for version in range(1, per_task + 1):
             event = _es_stored_event(originator, version)
-            await asyncio.to_thread(recorder.insert_events, [event])
+            if executor is None:
+                await asyncio.to_thread(recorder.insert_events, [event])
+            else:
+                await loop.run_in_executor(executor, recorder.insert_events, [event])
 
     start = _clock()
     await asyncio.gather(*(worker(o) for o in originators))
@@ -467,13 +475,25 @@ async def _case_concurrent_sqlite(
         with _fresh_dir() as d, _es_sqlite_recorder(d / "es.db") as recorder:
             return await _es_concurrent(recorder, tasks, per_task)
 
+    async def eventsourcing_thread_per_task() -> float:
+        with (
+            _fresh_dir() as d,
+            _es_sqlite_recorder(d / "es.db") as recorder,
+            ThreadPoolExecutor(tasks, thread_name_prefix="cb-bench-es") as executor,
+        ):
+            return await _es_concurrent(recorder, tasks, per_task, executor)
+
     with _fresh_dir() as d:
         case.unavailable = await _store_missing(_sqlite_url(d / "probe.db"))
-    contenders: list[tuple[str, Contender]] = [(case.baseline, eventsourcing)]
+    contenders: list[tuple[str, Contender]] = [
+        (case.baseline, eventsourcing),
+        (f"eventsourcing, {tasks} threads", eventsourcing_thread_per_task),
+    ]
     if case.unavailable is None:
         contenders.append(("ours", ours))
     case.notes.append(
-        f"asyncio.to_thread uses the default executor: {_to_thread_workers()} threads here"
+        f"asyncio.to_thread uses the default executor: {_to_thread_workers()} threads here; "
+        f"'eventsourcing, {tasks} threads' (context) gives each task a thread of its own"
     )
     await interleave(case, contenders, cfg.rounds, progress)
     return case
@@ -638,7 +658,7 @@ def planned_measurements(cfg: StoreBenchConfig) -> int:
     if "a" in cfg.cases:
         per_round += 5
     if "b" in cfg.cases:
-        per_round += 2 + (2 if cfg.postgres else 0)
+        per_round += 3 + (2 if cfg.postgres else 0)
     if "c" in cfg.cases:
         per_round += 2 + (2 if cfg.postgres else 0)
     if "d" in cfg.cases:
