@@ -33,6 +33,7 @@ ENTRY_POINT_GROUP = "collaborative_blocks"
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "collaborative_blocks.plugins.stores",
     "collaborative_blocks.plugins.transports.memory",
+    "collaborative_blocks.plugins.transports.log",
     "collaborative_blocks.plugins.transports.redis",
     "collaborative_blocks.plugins.transports.nats",
 )

@@ -1,0 +1,51 @@
+"""The log-backed transport passes the transport conformance suite, on memory and SQLite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from collaborative_blocks import Runtime, load_settings
+from collaborative_blocks.core.clock import Clock, VirtualClock
+from collaborative_blocks.core.messaging import MessageBroker, Transport
+from collaborative_blocks.errors import ConfigurationError
+from collaborative_blocks.plugins.transports.log import LogTransport
+from collaborative_blocks.stores import open_store
+from collaborative_blocks.stores.memory import MemoryEventStore
+from collaborative_blocks.testing.transport_conformance import TransportConformance
+
+
+class TestLogTransportOnMemory(TransportConformance):
+    async def open_transport(self, clock: Clock) -> Transport:
+        return LogTransport(MemoryEventStore(), clock=clock, owns_store=True)
+
+
+class TestLogTransportOnSQLite(TransportConformance):
+    @pytest.fixture(autouse=True)
+    def _database(self, tmp_path: Path) -> None:
+        self.url = f"sqlite+aiosqlite:///{tmp_path / 'log.db'}"
+
+    async def open_transport(self, clock: Clock) -> Transport:
+        store = await open_store(self.url)
+        return LogTransport(store, clock=clock, owns_store=True)
+
+
+async def test_broker_opens_log_transport_from_the_url(tmp_path: Path) -> None:
+    url = f"log+sqlite+aiosqlite:///{tmp_path / 'm.db'}?poll_interval=0.2"
+    async with Runtime(load_settings({}), clock=VirtualClock()) as runtime:
+        broker = MessageBroker(url, runtime=runtime, tracing=False)
+        await broker.start()
+        transport = broker.transport
+        assert isinstance(transport, LogTransport)
+        assert transport.poll_interval == 0.2
+        assert transport.capabilities.durable
+        assert transport.capabilities.survives_consumer_crash
+        await broker.close()
+
+
+async def test_bad_poll_interval_is_a_configuration_error() -> None:
+    async with Runtime(load_settings({}), clock=VirtualClock()) as runtime:
+        broker = MessageBroker("log+memory://?poll_interval=soon", runtime=runtime)
+        with pytest.raises(ConfigurationError, match="poll_interval"):
+            await broker.start()
