@@ -37,7 +37,7 @@ import functools
 import urllib.parse
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import asyncpg.exceptions
@@ -178,13 +178,18 @@ class PostgresLocation:
     port: int
     database: str
     user: str
+    #: Store options given as URL query parameters (None when absent).
+    poll_interval: float | None = None
+    pool_size: int | None = None
 
 
 def parse_postgres_url(url: str) -> PostgresLocation:
     """Split a ``postgresql+asyncpg://``, ``postgresql://`` or ``postgres://`` URL.
 
-    Raises :class:`~collaborative_blocks.errors.ConfigurationError` for another scheme or a
-    malformed port.
+    The query parameters ``poll_interval`` (seconds) and ``pool_size`` configure the store and
+    are removed from the DSN; every other parameter is asyncpg's. Raises
+    :class:`~collaborative_blocks.errors.ConfigurationError` for another scheme, a malformed
+    port or a bad store option.
     """
     scheme, sep, rest = url.partition("://")
     if not sep or scheme not in _SCHEMES:
@@ -199,16 +204,44 @@ def parse_postgres_url(url: str) -> PostgresLocation:
         raise ConfigurationError(
             f"the port in {_redact(url)!r} is not a number from 1 to 65535 ({error})"
         ) from None
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    options = {key: value for key, value in query if key in _STORE_OPTIONS}
+    driver_query = [(key, value) for key, value in query if key not in _STORE_OPTIONS]
     user = urllib.parse.unquote(parts.username or "") or "(default user)"
     database = urllib.parse.unquote(parts.path.lstrip("/")) or user
     return PostgresLocation(
-        dsn=f"postgresql://{rest}",
+        dsn=urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(driver_query))),
         display_url=_redact(url),
         host=parts.hostname or "localhost",
         port=port,
         database=database,
         user=user,
+        poll_interval=_url_option(options, "poll_interval", float, url),
+        pool_size=_url_option(options, "pool_size", int, url),
     )
+
+
+_STORE_OPTIONS = ("poll_interval", "pool_size")
+
+
+_Number = TypeVar("_Number", int, float)
+
+
+def _url_option(
+    options: dict[str, str], name: str, kind: type[_Number], url: str
+) -> _Number | None:
+    if name not in options:
+        return None
+    try:
+        value = kind(options[name])
+    except ValueError:
+        value = None
+    if value is None or value <= 0:
+        raise ConfigurationError(
+            f"{name}={options[name]!r} in {_redact(url)!r} must be a number > 0"
+            + (" (seconds)" if name == "poll_interval" else " (reader connections)")
+        )
+    return value
 
 
 def _redact(url: str) -> str:
@@ -234,25 +267,32 @@ async def open_postgres_store(
     url: str,
     *,
     clock: Clock | None = None,
-    poll_interval: float = 1.0,
-    pool_size: int = 5,
+    poll_interval: float | None = None,
+    pool_size: int | None = None,
     connect_timeout: float = 10.0,
 ) -> PostgresEventStore:
     """Connect to PostgreSQL at ``url``, create the schema if missing, return a ready store.
 
-    ``poll_interval`` bounds how late a subscriber notices a commit whose notification was
-    lost; ``pool_size`` is the number of reader connections (the writer and the listener have
-    one each). Raises :class:`~collaborative_blocks.errors.StoreUnavailableError` naming the
-    host, port and database (never the password) when the server cannot be reached or the
-    database does not exist, and :class:`~collaborative_blocks.errors.ConfigurationError`
-    for a malformed URL.
+    ``poll_interval`` (default 1 second) bounds how late a subscriber notices a commit whose
+    notification was lost; ``pool_size`` (default 5) is the number of reader connections (the
+    writer and the listener have one each). Both can also come from the URL
+    (``...?poll_interval=0.5&pool_size=10``); keyword arguments win. ``clock`` drives the
+    reconnect back-off. Raises :class:`~collaborative_blocks.errors.StoreUnavailableError`
+    naming the host, port and database (never the password) when the server cannot be
+    reached or the database does not exist, and
+    :class:`~collaborative_blocks.errors.ConfigurationError` for a malformed URL or option.
     """
+    location = parse_postgres_url(url)
+    if poll_interval is None:
+        poll_interval = location.poll_interval or 1.0
+    if pool_size is None:
+        pool_size = location.pool_size or 5
     if poll_interval <= 0:
         raise ConfigurationError(f"poll_interval must be > 0 seconds, got {poll_interval!r}")
     if pool_size < 1:
         raise ConfigurationError(f"pool_size must be >= 1, got {pool_size!r}")
     store = PostgresEventStore(
-        parse_postgres_url(url),
+        location,
         clock=clock or SystemClock(),
         poll_interval=poll_interval,
         pool_size=pool_size,
@@ -319,6 +359,16 @@ class PostgresEventStore(EventStore):
         self._closed = False
         #: Transactions committed by this store's writer (group commit puts many calls in one).
         self.transactions_committed = 0
+
+    @property
+    def poll_interval(self) -> float:
+        """Seconds a subscriber waits at most before reading again without a notification."""
+        return self._poll_interval
+
+    @property
+    def pool_size(self) -> int:
+        """Reader connections in the pool."""
+        return self._pool_size
 
     # -- lifecycle -------------------------------------------------------------------------
 

@@ -248,7 +248,8 @@ async def test_two_stores_append_concurrently_while_a_subscriber_runs(url: str) 
 async def test_polling_finds_a_commit_that_sent_no_notification(
     url: str, raw: asyncpg.Connection
 ) -> None:
-    reader = await open_postgres_store(url, poll_interval=0.05)
+    reader = await open_postgres_store(f"{url}?poll_interval=0.05&pool_size=2")
+    assert (reader.poll_interval, reader.pool_size) == (0.05, 2)
     subscription = reader.subscribe()
     seen: list[StoredEvent] = []
     try:
@@ -437,6 +438,20 @@ def test_url_parsing_and_redaction() -> None:
     assert location.dsn == "postgresql://bob:pw@db.example:6543/ledger?sslmode=require"
     assert "pw" not in location.display_url
     assert parse_postgres_url("postgresql://alice@h/").database == "alice"
+
+
+def test_store_options_in_the_url_are_taken_out_of_the_dsn() -> None:
+    location = parse_postgres_url(
+        "postgresql+asyncpg://u@h/db?sslmode=disable&poll_interval=0.25&pool_size=3"
+    )
+    assert (location.poll_interval, location.pool_size) == (0.25, 3)
+    assert location.dsn == "postgresql://u@h/db?sslmode=disable"
+
+
+@pytest.mark.parametrize("query", ["poll_interval=soon", "poll_interval=0", "pool_size=1.5"])
+def test_bad_store_options_in_the_url_are_configuration_errors(query: str) -> None:
+    with pytest.raises(ConfigurationError, match=query.split("=")[0]):
+        parse_postgres_url(f"postgresql+asyncpg://u@h/db?{query}")
 
 
 @pytest.mark.parametrize("column", ["state", "topic"])
