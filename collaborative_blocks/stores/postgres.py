@@ -417,6 +417,9 @@ class PostgresEventStore(EventStore):
         except (*_CONNECTION_ERRORS, asyncpg.exceptions.PostgresError):
             connection.terminate()
 
+    def _is_closed(self) -> bool:
+        return self._closed
+
     def _check_open(self) -> None:
         if self._closed:
             raise StoreClosedError(f"the store {self.url} is closed; open a new one")
@@ -810,6 +813,9 @@ class PostgresEventStore(EventStore):
             except _CONNECTION_ERRORS as error:
                 connection.terminate()
                 raise self._lost(error, "LISTEN") from None
+            if self._is_closed():  # close() ran while this connected and could not see it
+                await self._close_connection(connection)
+                self._check_open()
             connection.add_termination_listener(self._on_listener_lost)
             self._listener = connection
         # Commits made while nobody listened are found by the read this wakes.
