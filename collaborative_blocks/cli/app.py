@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from collaborative_blocks.cli import bench, demo, events, plugins
+from collaborative_blocks.cli import bench, demo, dlq, events, plugins
 from collaborative_blocks.cli._common import CliState, guarded
 
 app = typer.Typer(
@@ -41,5 +41,6 @@ def root(
 
 app.add_typer(events.app, name="events")
 app.add_typer(bench.app, name="bench")
+app.add_typer(dlq.app, name="dlq")
 app.command("plugins")(plugins.plugins_command)
 app.command("demo")(demo.demo_command)

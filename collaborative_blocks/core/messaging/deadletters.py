@@ -14,6 +14,7 @@ opens the same store sees it. Without a store it lives in memory.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import json
 import random
@@ -165,6 +166,8 @@ class DeadLetterQueue:
         self._republish = republish
         self._letters: dict[str, DeadLetter] = {}
         self._loaded_version = 0
+        self._signal: asyncio.Event | None = None
+        #: Dead letters added through this queue object since it was created.
         self.added = 0
 
     @property
@@ -200,7 +203,17 @@ class DeadLetterQueue:
         else:
             self._letters[letter.id] = letter
         self.added += 1
+        if self._signal is not None:
+            self._signal.set()
+            self._signal = None
         return letter
+
+    async def wait_for(self, count: int) -> None:
+        """Return once ``count`` dead letters have been added through this queue object."""
+        while self.added < count:
+            if self._signal is None:
+                self._signal = asyncio.Event()
+            await self._signal.wait()
 
     async def list(self, *, limit: int | None = None) -> list[DeadLetter]:
         """Dead letters, oldest first."""
