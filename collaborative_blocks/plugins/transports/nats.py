@@ -450,7 +450,7 @@ class NatsJetStreamTransport:
         prefetch: int = 100,
     ) -> Subscription:
         from nats.js import api
-        from nats.js.errors import NotFoundError
+        from nats.js.errors import BadRequestError, NotFoundError
 
         if self._closed:
             raise TransportUnavailableError(f"transport {self.url} is closed")
@@ -474,10 +474,24 @@ class NatsJetStreamTransport:
 
         async def ensure_consumer() -> object:
             try:
-                return await self._js.consumer_info(options.stream, durable)
+                info = await self._js.consumer_info(options.stream, durable)
             except NotFoundError:
                 # Creating an identical durable twice is accepted, so racing members agree.
                 return await self._js.add_consumer(options.stream, config)
+            if info.config.ack_wait is not None and abs(info.config.ack_wait - ack_timeout) > 1e-3:
+                # One ack_wait per group on the server: the latest member's wins, as a
+                # deployment that changes the ack timeout expects.
+                try:
+                    return await self._js.add_consumer(options.stream, config)
+                except BadRequestError as error:
+                    log.warning(
+                        "NATS consumer %s keeps ack_wait=%ss (update to %ss refused: %s)",
+                        durable,
+                        info.config.ack_wait,
+                        ack_timeout,
+                        error,
+                    )
+            return info
 
         await self._retrying(ensure_consumer)
 
