@@ -40,7 +40,7 @@ class PostgresStoreFactory:
     async def open(self, url: str, *, clock: Clock) -> EventStore:
         from collaborative_blocks.stores.postgres import open_postgres_store
 
-        return await open_postgres_store(url)
+        return await open_postgres_store(url, clock=clock)
 
 
 @hookimpl
