@@ -141,43 +141,70 @@ class _Pipeliner:
     """Sends the commands that callers submit while a round trip is in flight together.
 
     A lone caller pays one round trip, as with a plain command; many concurrent publishers
-    or ackers share round trips, which is where most of Redis' throughput comes from.
+    or ackers share round trips, which is where most of Redis' throughput comes from. Acks of
+    one group are merged into a single XACK, as a hand-written consumer would send them.
     """
 
     def __init__(self, transport: RedisStreamsTransport) -> None:
         self._transport = transport
-        self._queue: list[tuple[Callable[[Pipeline], object], asyncio.Future[Any]]] = []
+        self._commands: list[tuple[Callable[[Pipeline], object], asyncio.Future[Any]]] = []
+        self._acks: dict[tuple[str, str], list[tuple[bytes, asyncio.Future[Any]]]] = {}
         self._flusher: asyncio.Task[None] | None = None
 
     def submit(self, command: Callable[[Pipeline], object]) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((command, future))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
+        self._commands.append((command, future))
+        self._kick()
         return future
 
+    def ack(self, key: str, group: str, entry_id: bytes) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        pending = self._acks.get((key, group))
+        if pending is None:
+            pending = self._acks[(key, group)] = []
+        pending.append((entry_id, future))
+        self._kick()
+        return future
+
+    def _kick(self) -> None:
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+
     async def _flush(self) -> None:
-        while self._queue:
-            batch, self._queue = self._queue, []
+        while self._commands or self._acks:
+            batch: list[tuple[Callable[[Pipeline], object], list[asyncio.Future[Any]]]] = [
+                (command, [future]) for command, future in self._commands
+            ]
+            for (key, group), entries in self._acks.items():
+                ids = [entry_id for entry_id, _ in entries]
+                batch.append(
+                    (
+                        functools.partial(_xack, key=key, group=group, ids=ids),
+                        [future for _, future in entries],
+                    )
+                )
+            self._commands, self._acks = [], {}
             try:
                 results = await self._transport._retrying(functools.partial(self._execute, batch))
             except BaseException as error:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(error)
+                for _, futures in batch:
+                    for future in futures:
+                        if not future.done():
+                            future.set_exception(error)
                 if isinstance(error, asyncio.CancelledError):
                     raise
                 continue
-            for (_, future), result in zip(batch, results, strict=True):
-                if future.done():
-                    continue
-                if isinstance(result, Exception):
-                    future.set_exception(result)
-                else:
-                    future.set_result(result)
+            for (_, futures), result in zip(batch, results, strict=True):
+                for future in futures:
+                    if future.done():
+                        continue
+                    if isinstance(result, Exception):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
 
     async def _execute(
-        self, batch: list[tuple[Callable[[Pipeline], object], asyncio.Future[Any]]]
+        self, batch: list[tuple[Callable[[Pipeline], object], list[asyncio.Future[Any]]]]
     ) -> list[Any]:
         async with self._transport._client.pipeline(transaction=False) as pipe:
             for command, _ in batch:
@@ -188,6 +215,10 @@ class _Pipeliner:
         if self._flusher is not None and not self._flusher.done():
             with contextlib.suppress(BaseException):
                 await self._flusher
+
+
+def _xack(pipe: Pipeline, *, key: str, group: str, ids: list[bytes]) -> object:
+    return pipe.xack(key, group, *ids)
 
 
 class RedisDelivery:
@@ -212,7 +243,7 @@ class RedisDelivery:
         subscription = self._subscription
         subscription._release()
         key, group, entry = subscription.key, subscription.group, self.entry_id
-        await subscription.transport._pipeliner.submit(lambda p: p.xack(key, group, entry))
+        await subscription.transport._pipeliner.ack(key, group, entry)
 
     async def nack(self, delay: float = 0.0) -> None:
         if self._settled:
@@ -610,7 +641,9 @@ class RedisStreamsTransport:
             for info in groups:
                 if int(info["pending"]) > 0:
                     summary = await self._client.xpending(key, info["name"])
-                    keep = _stream_id(summary["min"])
+                    # Acked since XINFO: then nothing of this group is pending any more.
+                    low_pending = summary.get("min")
+                    keep = _stream_id(low_pending or info["last-delivered-id"])
                 else:
                     keep = _stream_id(info["last-delivered-id"])
                 low = keep if low is None else min(low, keep)
