@@ -273,3 +273,114 @@ def test_conformance_helper_decodes_bytes() -> None:
         MessageType.EVENT, "x.y", {"n": 1}, now=1_700_000_000.0, rng=random.Random(1), source="t"
     )
     assert body_message(encode(message)) == message
+
+
+async def test_in_progress_keeps_a_long_handler_s_message(
+    redis_transport: RedisStreamsTransport,
+) -> None:
+    from redis.asyncio import Redis
+
+    subject = "slow"
+    key = redis_transport.stream_key(subject)
+    mine = await redis_transport.subscribe(subject, group="g", consumer="c1", ack_timeout=1.0)
+    await redis_transport.publish(subject, b"slow")
+    delivery = (await _fetch(mine))[0]
+    client = Redis.from_url(REDIS_URL)
+    try:
+        before = await client.xpending_range(key, "g", "-", "+", 1)
+        await delivery.in_progress()  # type: ignore[attr-defined]
+        after = await client.xpending_range(key, "g", "-", "+", 1)
+    finally:
+        await client.aclose()
+    # Still ours, not counted as a new delivery, and idle again from now.
+    assert after[0]["consumer"] == b"c1"
+    assert after[0]["times_delivered"] == before[0]["times_delivered"] == 1
+    assert after[0]["time_since_delivered"] <= before[0]["time_since_delivered"]
+    await delivery.ack()
+
+
+class _PrivateRedis:
+    """A redis-server of this test alone, which it can kill and restart."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.process: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> None:
+        self.process = await asyncio.create_subprocess_exec(
+            "redis-server",
+            "--port",
+            str(self.port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert self.process.stdout is not None
+        while True:
+            line = await asyncio.wait_for(self.process.stdout.readline(), 20)
+            assert line, "redis-server exited during start-up"
+            if b"Ready to accept connections" in line:
+                return
+
+    async def kill(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+
+
+@pytest.fixture
+async def private_redis() -> AsyncIterator[_PrivateRedis]:
+    import shutil
+    import socket
+
+    require_redis()
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = _PrivateRedis(port)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.kill()
+
+
+async def test_redis_restarting_mid_run_is_retried_and_the_group_recreated(
+    private_redis: _PrivateRedis,
+) -> None:
+    transport = await open_redis_transport(f"{private_redis.url}?retry_for=30", clock=SystemClock())
+    try:
+        subscription = await transport.subscribe("jobs", group="g", consumer="c1")
+        await private_redis.kill()
+        # The publish retries with backoff while the server is away ...
+        publishing = asyncio.ensure_future(transport.publish("jobs", b"after the restart"))
+        await private_redis.start()
+        await asyncio.wait_for(publishing, 30)
+        # ... and the restarted server, which lost everything, gets its group back.
+        delivery = (await _fetch(subscription))[0]
+        assert delivery.body == b"after the restart"
+        await delivery.ack()
+    finally:
+        await transport.close()
+
+
+async def test_redis_gone_for_longer_than_retry_for_is_a_typed_error(
+    private_redis: _PrivateRedis,
+) -> None:
+    transport = await open_redis_transport(
+        f"{private_redis.url}?retry_for=0.5", clock=SystemClock()
+    )
+    try:
+        await private_redis.kill()
+        with pytest.raises(TransportUnavailableError, match=str(private_redis.port)):
+            await transport.publish("jobs", b"lost?")
+    finally:
+        await transport.close()

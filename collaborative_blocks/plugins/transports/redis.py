@@ -253,6 +253,20 @@ class RedisDelivery:
         subscription._release()
         await subscription._give_back(self.entry_id, max(delay, 0.0))
 
+    async def in_progress(self) -> None:
+        """Tell the group the handler is still working: restarts this delivery's ack timeout.
+
+        (Resets the entry's idle time, so XAUTOCLAIM leaves it alone for another ack timeout.)
+        """
+        if self._settled:
+            return
+        subscription = self._subscription
+        subscription._held[self.entry_id] = (
+            self,
+            subscription._clock.monotonic() + subscription.ack_timeout,
+        )
+        await subscription._set_idle(self.entry_id, 0.0)
+
 
 class _RedisSubscription:
     def __init__(
