@@ -38,7 +38,6 @@ import contextlib
 import contextvars
 import fnmatch
 import inspect
-import itertools
 import logging
 import random
 import re
@@ -763,8 +762,7 @@ class MessageBroker:
             meter_provider=meter_provider,
             dead_letter_depth=lambda: self._dlq_depth,
         )
-        self._receipts: dict[str, list[tuple[str, str, int, float]]] = {}
-        self._receipts_kept = receipts_kept
+        self._receipts: deque[tuple[str, str, str, int, float]] = deque(maxlen=receipts_kept)
         self._served: set[str] = set()
         self._specs: list[_ConsumerSpec] = []
         self._deferred: list[_ConsumerSpec] = []
@@ -772,6 +770,8 @@ class MessageBroker:
         self._start_lock: asyncio.Lock | None = None
         self._closed = False
         self.max_message_bytes = 1 << 20
+        self._offered: frozenset[DeliveryGuarantee] = frozenset()
+        self._all_guarantees = False
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -814,6 +814,9 @@ class MessageBroker:
             )
         capabilities = self.transport.capabilities
         self.max_message_bytes = capabilities.max_message_bytes
+        self._offered = capabilities.guarantees
+        # Checked on every publish: skip the set lookup when everything is offered.
+        self._all_guarantees = capabilities.guarantees >= frozenset(DeliveryGuarantee)
         for guarantee in sorted(self._required, key=lambda g: g.value):
             capabilities.require(guarantee, self.transport.url)
         if DeliveryGuarantee.EXACTLY_ONCE in self._required and self.store is None:
@@ -901,7 +904,7 @@ class MessageBroker:
         message = self.stamp(message)
         subject = self.subject_for(message)
         transport = self.transport
-        if message.guarantee not in transport.capabilities.guarantees:
+        if not self._all_guarantees and message.guarantee not in self._offered:
             transport.capabilities.require(message.guarantee, transport.url)
         if (
             message.type is MessageType.COMMAND or message.type is MessageType.QUERY
@@ -1045,24 +1048,16 @@ class MessageBroker:
             )
 
     def _receipt(self, message_id: str, group: str, status: str, attempts: int) -> None:
-        receipts = self._receipts
-        found = receipts.get(message_id)
-        if found is None:
-            receipts[message_id] = [(group, status, attempts, self.clock.now())]
-            if len(receipts) > self._receipts_kept:
-                # Amortised: forget the oldest half at once instead of one per message.
-                for stale in list(itertools.islice(receipts, len(receipts) // 2)):
-                    del receipts[stale]
-        else:
-            found.append((group, status, attempts, self.clock.now()))
+        # A bounded deque: O(1) on the hot path; looking a message up scans it (rare).
+        self._receipts.append((message_id, group, status, attempts, self.clock.now()))
 
     async def receipts(self, message_id: str) -> list[DeliveryReceipt]:
-        """What happened to a message in each consumer group of this broker.
+        """What happened to a message in each consumer group of this broker, in order.
 
-        In-memory, bounded by ``receipts_kept``; for EXACTLY_ONCE the durable record is the
-        store's inbox: :meth:`was_processed`.
+        Kept in memory for the last ``receipts_kept`` deliveries; for EXACTLY_ONCE the
+        durable record is the store's inbox: :meth:`was_processed`.
         """
-        return [DeliveryReceipt(message_id, *r) for r in self._receipts.get(message_id, ())]
+        return [DeliveryReceipt(*entry) for entry in self._receipts if entry[0] == message_id]
 
     async def was_processed(self, message_id: str, group: str) -> bool:
         """Whether ``group``'s durable inbox holds ``message_id`` (EXACTLY_ONCE receipts)."""
