@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 from urllib.parse import parse_qsl, unquote
 
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import BigInteger, bindparam, func, or_, select
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.sql import ClauseElement
 
@@ -162,7 +162,9 @@ class _Statements:
             .where(
                 e.stream == bindparam("stream"),
                 e.version >= bindparam("lo"),
-                e.version <= bindparam("hi"),
+                # "No upper bound" must not hide a row whose version is not an integer (SQLite
+                # sorts text above every number): such a row has to surface as corrupt.
+                or_(bindparam("hi", type_=BigInteger).is_(None), e.version <= bindparam("hi")),
             )
             .limit(bindparam("limit"))
         )
@@ -434,7 +436,7 @@ class _Writer:
             return self._transaction(conn, jobs)
         except _UnexpectedError as exc:
             if len(jobs) == 1:
-                return [_Outcome(jobs[0], error=self._unavailable(exc.__cause__))], False
+                return [_Outcome(jobs[0], error=self._error_for(exc.__cause__))], False
         # Somebody's append broke the shared transaction (or the commit failed): re-run each
         # on its own so that only the one at fault gets the error.
         outcomes: list[_Outcome] = []
@@ -444,17 +446,34 @@ class _Writer:
                 single, single_wrote = self._transaction(conn, [job])
             except _UnexpectedError as exc:
                 single, single_wrote = (
-                    [_Outcome(job, error=self._unavailable(exc.__cause__))],
+                    [_Outcome(job, error=self._error_for(exc.__cause__))],
                     False,
                 )
             outcomes += single
             wrote = wrote or single_wrote
         return outcomes, wrote
 
-    def _unavailable(self, exc: BaseException | None) -> StoreError:
+    def _error_for(self, exc: BaseException | None) -> StoreError:
+        """The error one caller gets when its append, run alone, still failed."""
+        if isinstance(
+            exc,
+            sqlite3.InterfaceError
+            | sqlite3.ProgrammingError
+            | ValueError
+            | TypeError
+            | OverflowError
+            | BufferError,
+        ):
+            # The driver refused a value that passed validation (a version beyond 64 bits,
+            # a non-contiguous memoryview...): the caller's input, not the database.
+            return EventSerializationError(
+                f"this append could not be stored in {self.path}: {_text(exc)}. Nothing of it "
+                "was written; fix the value (versions fit in 64 bits, state is plain bytes)."
+            )
         return StoreUnavailableError(
-            f"the SQLite event store {self.path} could not commit: {_text(exc)}. Nothing of this "
-            "append was written; check the disk (space, permissions) and retry."
+            f"the SQLite event store {self.path} could not commit: {_text(exc)}. Nothing of "
+            "this append was written; check the disk (space, permissions) and that no other "
+            "process holds the database locked, then retry."
         )
 
     def _transaction(
@@ -625,11 +644,17 @@ def _open_connection(path: Path, synchronous: str, *, writer: bool) -> sqlite3.C
             if str(mode).lower() != "wal":
                 raise sqlite3.OperationalError(f"journal_mode is {mode}, not wal")
             conn.execute(f"PRAGMA synchronous={synchronous}")
+            exists = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                (sql.events.name,),
+            ).fetchone()
+            if exists:
+                # A table of that name from something else: refuse before adding anything.
+                _probe(conn)
             _create_schema(path)
         else:
             conn.execute("PRAGMA query_only=ON")
-        probe = _statements().probe
-        conn.execute(probe.text, probe.params()).fetchall()
+        _probe(conn)
     except Exception as exc:
         conn.close()
         if isinstance(exc, StoreError):
@@ -638,6 +663,11 @@ def _open_connection(path: Path, synchronous: str, *, writer: bool) -> sqlite3.C
             f"cannot use {path} as a SQLite event store: {_text(exc)}. {_what_to_do(path)}"
         ) from exc
     return conn
+
+
+def _probe(conn: sqlite3.Connection) -> None:
+    probe = _statements().probe
+    conn.execute(probe.text, probe.params()).fetchall()
 
 
 def _create_schema(path: Path) -> None:
@@ -799,7 +829,7 @@ class SQLiteEventStore(EventStore):
         params = statement.params(
             stream=stream,
             lo=from_version,
-            hi=MAX_INT64 if to_version is None else to_version,
+            hi=to_version,
             limit=NO_LIMIT if limit is None else max(limit, 0),
         )
         path = self.path
