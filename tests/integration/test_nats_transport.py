@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -206,3 +207,91 @@ async def test_in_progress_keeps_a_long_handler_s_message(
         assert not done, "a message in progress was redelivered"
     await delivery.ack()
     waiting.cancel()
+
+
+class _PrivateNats:
+    """A nats-server (with JetStream on disk) of this test alone, to kill and restart."""
+
+    def __init__(self, port: int, store: str) -> None:
+        self.port = port
+        self.store = store
+        self.process: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self.process = await asyncio.create_subprocess_exec(
+            "nats-server",
+            "-js",
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-sd",
+            self.store,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert self.process.stderr is not None
+        while True:
+            line = await asyncio.wait_for(self.process.stderr.readline(), 20)
+            assert line, "nats-server exited during start-up"
+            if b"Server is ready" in line:
+                return
+
+    async def kill(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+
+
+@pytest.fixture
+async def private_nats(tmp_path: Path) -> AsyncIterator[_PrivateNats]:
+    import shutil
+    import socket
+
+    require_nats()
+    if shutil.which("nats-server") is None:
+        pytest.skip("nats-server is not installed")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = _PrivateNats(port, str(tmp_path))
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.kill()
+
+
+async def test_nats_restarting_mid_run_keeps_what_it_stored(private_nats: _PrivateNats) -> None:
+    transport = await open_nats_transport(f"{private_nats.url}?retry_for=30", clock=SystemClock())
+    try:
+        subscription = await transport.subscribe("jobs", group="g", consumer="c1")
+        await transport.publish("jobs", b"before")
+        await private_nats.kill()
+        # Published while the server is away: retried with backoff until it is back.
+        publishing = asyncio.ensure_future(transport.publish("jobs", b"during"))
+        await private_nats.start()
+        await asyncio.wait_for(publishing, 30)
+        got: list[Delivery] = []
+        while len(got) < 2:
+            got.extend(await _fetch(subscription, 2))
+        assert [d.body for d in got] == [b"before", b"during"]
+        for delivery in got:
+            await delivery.ack()
+    finally:
+        await transport.close()
+
+
+async def test_nats_gone_for_longer_than_retry_for_is_a_typed_error(
+    private_nats: _PrivateNats,
+) -> None:
+    transport = await open_nats_transport(f"{private_nats.url}?retry_for=1", clock=SystemClock())
+    try:
+        await private_nats.kill()
+        with pytest.raises(TransportUnavailableError, match=str(private_nats.port)):
+            await transport.publish("jobs", b"lost?")
+    finally:
+        await transport.close()
