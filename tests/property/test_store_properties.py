@@ -56,6 +56,7 @@ tasks_strategy = st.lists(st.lists(ops, min_size=1, max_size=5), min_size=1, max
 class Outcome:
     ids: list[str]
     positions: list[int] | None  # None: refused with ConcurrencyError
+    expected: int | None = None
 
 
 async def _run_task(store: EventStore, task_no: int, task: list[Op], log: list[Outcome]) -> None:
@@ -75,9 +76,9 @@ async def _run_task(store: EventStore, task_no: int, task: list[Op], log: list[O
         try:
             positions = await store.append(op.stream, events, expected_version=expected)
         except ConcurrencyError:
-            log.append(Outcome(ids, None))
+            log.append(Outcome(ids, None, expected))
         else:
-            log.append(Outcome(ids, positions))
+            log.append(Outcome(ids, positions, expected))
 
 
 async def _subscribe(store: EventStore, batch_size: int, seen: list[StoredEvent]) -> None:
@@ -122,6 +123,9 @@ async def _scenario(
         assert len({e.stream for e in stored}) == 1
         versions = [e.version for e in stored]
         assert versions == list(range(versions[0], versions[0] + len(versions)))
+        if outcome.expected is not None:
+            # Optimistic concurrency: it went in right after the version it expected.
+            assert versions[0] == outcome.expected + 1
         acknowledged.update(outcome.ids)
     assert acknowledged == set(by_state), "the log holds exactly the acknowledged appends"
 
