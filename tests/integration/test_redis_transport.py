@@ -384,3 +384,33 @@ async def test_redis_gone_for_longer_than_retry_for_is_a_typed_error(
             await transport.publish("jobs", b"lost?")
     finally:
         await transport.close()
+
+
+async def test_the_broker_runs_over_redis_events_and_queries() -> None:
+    from collaborative_blocks.core.messaging.broker import MessageBroker
+    from collaborative_blocks.core.messaging.connector import SystemConnector
+    from collaborative_blocks.core.messaging.envelope import Message
+
+    require_redis()
+    url = _test_url()
+    broker = MessageBroker(url)
+    received: asyncio.Queue[str] = asyncio.Queue()
+
+    async def on_order(message: Message) -> None:
+        await received.put(message.name)
+
+    async def total(message: Message) -> dict[str, int]:
+        return {"total": 42}
+
+    try:
+        await broker.subscribe("orders.*", on_order)
+        shop = SystemConnector("shop", broker)
+        billing = SystemConnector("billing", broker)
+        billing.on_query("total", total)
+        await billing.start()
+        await shop.publish_event("orders.created", {"id": 1})
+        assert await asyncio.wait_for(received.get(), 20) == "orders.created"
+        assert await shop.query("billing", "total", {}, timeout=20) == {"total": 42}
+    finally:
+        await broker.close()
+        await _delete_keys(url)

@@ -315,6 +315,10 @@ class _NatsSubscription:
         closing = asyncio.ensure_future(self._closing.wait())
         try:
             await asyncio.wait((work, closing), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            # Our caller was cancelled (a broker stopping): the pull must not outlive it.
+            work.cancel()
+            raise
         finally:
             closing.cancel()
         if work.done():

@@ -378,6 +378,10 @@ class _RedisSubscription:
         waker = asyncio.ensure_future(self._closing.wait())
         try:
             await asyncio.wait((reader, waker), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            # Our caller was cancelled (a broker stopping): the read must not outlive it.
+            reader.cancel()
+            raise
         finally:
             waker.cancel()
         if not reader.done():
