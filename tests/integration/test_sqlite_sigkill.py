@@ -76,8 +76,8 @@ async def test_acknowledged_appends_survive_sigkill(tmp_path: Path, acks_wanted:
         # No partial batch, acknowledged or not.
         batches: dict[str, list[tuple[int, int]]] = defaultdict(list)
         for event in log:
-            batch_id, index, count = event.state.decode().split("/")
-            batches[batch_id].append((int(index), int(count)))
+            batch_id, index, total = event.state.decode().split("/")
+            batches[batch_id].append((int(index), int(total)))
         for batch_id, parts in batches.items():
             size = parts[0][1]
             assert sorted(i for i, _ in parts) == list(range(size)), f"partial batch {batch_id}"
