@@ -6,7 +6,8 @@ import asyncio
 import itertools
 import json
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 import pytest
 
@@ -21,11 +22,13 @@ from collaborative_blocks.core.messaging import (
     MessageType,
     ReceiptStatus,
     RetryPolicy,
+    Subscription,
     SystemConnector,
     TransportCapabilities,
 )
 from collaborative_blocks.core.messaging.broker import EVENTS_SUBJECT, inbox_subject
 from collaborative_blocks.core.messaging.envelope import encode
+from collaborative_blocks.core.messaging.transport import Delivery
 from collaborative_blocks.errors import (
     DeadLetterNotFoundError,
     MessageRejectedError,
@@ -33,6 +36,7 @@ from collaborative_blocks.errors import (
     PublishTimeoutError,
     QueryTimeoutError,
     RemoteHandlerError,
+    TransportUnavailableError,
     UnknownSchemeError,
     UnsupportedGuaranteeError,
 )
@@ -615,3 +619,46 @@ async def test_connector_rejects_duplicate_registrations(broker: MessageBroker) 
 
 async def test_inbox_subject_is_per_target() -> None:
     assert inbox_subject("billing") != inbox_subject("shop")
+
+
+class FlakyTransport(MemoryTransport):
+    """Fails the first fetches of every subscription, like a server that went away."""
+
+    def __init__(self, clock: VirtualClock, failures: int) -> None:
+        super().__init__(clock=clock)
+        self.failures = failures
+
+    async def subscribe(self, subject: str, **options: Any) -> Subscription:
+        inner = await super().subscribe(subject, **options)
+        outer = self
+
+        class Flaky:
+            async def fetch(self, max_messages: int) -> Sequence[Delivery]:
+                if outer.failures > 0:
+                    outer.failures -= 1
+                    raise TransportUnavailableError("connection refused")
+                return await inner.fetch(max_messages)
+
+            async def close(self) -> None:
+                await inner.close()
+
+        return Flaky()
+
+
+async def test_consumer_survives_a_transport_that_disappears_mid_run(clock: VirtualClock) -> None:
+    broker = MessageBroker(
+        transport=FlakyTransport(clock, failures=3),
+        clock=clock,
+        settings=load_settings({}),
+        tracing=False,
+    )
+    seen: list[object] = []
+
+    async def handler(message: Message) -> None:
+        seen.append(message.payload)
+
+    await broker.subscribe("x", handler)
+    await broker.publish(event("x", 1))
+    await until(clock, lambda: seen == [1])
+    assert broker.telemetry.counts["failed"]["broker"] == 3
+    await broker.close()

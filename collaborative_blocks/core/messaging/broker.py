@@ -405,8 +405,29 @@ class _Consumer:
         workers = self.workers
         count = len(workers)
         batch = max(1, min(self.broker.max_in_flight, 256))
+        failures = 0
         while True:
-            deliveries = await subscription.fetch(batch)
+            try:
+                deliveries = await subscription.fetch(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                # The server went away: keep trying (backing off) instead of dying quietly;
+                # whatever was unacknowledged is redelivered by the transport meanwhile.
+                failures += 1
+                self.broker.telemetry.failed(self.system)
+                log.warning(
+                    "consumer %s cannot fetch from %s (attempt %d): %s",
+                    self.group,
+                    self.subject,
+                    failures,
+                    error,
+                )
+                await self.broker.clock.sleep(
+                    self.broker.retry.delay(min(failures, 8), self.broker.rng)
+                )
+                continue
+            failures = 0
             if not deliveries:
                 return
             for delivery in deliveries:
