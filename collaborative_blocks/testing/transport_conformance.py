@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sys
 import uuid
 from collections.abc import AsyncIterator, Sequence
 
@@ -51,6 +52,14 @@ class TransportConformance:
     async def open_transport(self, clock: Clock) -> Transport:
         """A new, connected transport using ``clock``."""
         raise NotImplementedError
+
+    def process_url(self) -> str | None:
+        """A URL another process can open to reach the same transport (None: skip that case).
+
+        Used by the case that kills a consumer process with SIGKILL while it holds messages;
+        it needs ``virtual_time = False``.
+        """
+        return None
 
     async def crash(self, subscription: Subscription) -> None:
         """Make the consumer behind ``subscription`` die without settling what it holds.
@@ -289,9 +298,73 @@ class TransportConformance:
         assert rescued.attempt == 2
         await rescued.ack()
 
+    async def test_consumer_process_killed_mid_batch_loses_nothing(
+        self, transport: Transport, subject: str, rng: random.Random, clock: Clock
+    ) -> None:
+        url = self.process_url()
+        if url is None or self.virtual_time:
+            pytest.skip("needs process_url() and real time (virtual_time = False)")
+        survivor = await self.subscribe(transport, subject, consumer="survivor", prefetch=10)
+        sent = [self.message(rng, clock, n) for n in range(5)]
+        for message in sent:
+            await transport.publish(subject, message)
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "collaborative_blocks.testing.transport_conformance",
+            url,
+            subject,
+            "g",
+            str(len(sent)),
+            str(self.ack_timeout),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        try:
+            assert process.stdout is not None
+            line = await asyncio.wait_for(process.stdout.readline(), self.patience)
+            assert line.strip() == f"HELD {len(sent)}".encode(), line
+        finally:
+            process.kill()  # SIGKILL: nothing it holds is acked or given back
+            await process.wait()
+        received: list[Delivery] = []
+        while len(received) < len(sent):
+            received.extend(await self.fetch(survivor, len(sent)))
+        assert sorted(body_message(d.body).id for d in received) == sorted(m.id for m in sent)
+        assert all(d.attempt >= 2 for d in received)
+        for delivery in received:
+            await delivery.ack()
+
     async def test_close_ends_a_waiting_fetch(self, transport: Transport, subject: str) -> None:
         subscription = await self.subscribe(transport, subject)
         waiting = asyncio.ensure_future(subscription.fetch(1))
         await asyncio.sleep(0)  # let the fetch start waiting
         await transport.close()
         assert list(await asyncio.wait_for(waiting, self.patience)) == []
+
+
+async def _hold_until_killed(
+    url: str, subject: str, group: str, count: int, ack_timeout: float
+) -> None:
+    """The doomed consumer process: take ``count`` messages, say so, never settle them."""
+    from collaborative_blocks.core.messaging.broker import open_transport
+    from collaborative_blocks.core.runtime import Runtime
+    from collaborative_blocks.core.settings import load_settings
+
+    transport = await open_transport(url, runtime=Runtime(load_settings({})))
+    subscription = await transport.subscribe(
+        subject, group=group, consumer="doomed", ack_timeout=ack_timeout, prefetch=count
+    )
+    held = 0
+    while held < count:
+        held += len(await subscription.fetch(count - held))
+    sys.stdout.write(f"HELD {held}\n")
+    sys.stdout.flush()
+    await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    asyncio.run(
+        _hold_until_killed(
+            sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
+        )
+    )

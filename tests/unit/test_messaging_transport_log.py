@@ -31,6 +31,24 @@ class TestLogTransportOnSQLite(TransportConformance):
         return LogTransport(store, clock=clock, owns_store=True)
 
 
+class TestLogTransportAcrossProcesses(TransportConformance):
+    """Real time, so a consumer in another process (killed with SIGKILL) can take part."""
+
+    virtual_time = False
+    ack_timeout = 1.0
+
+    @pytest.fixture(autouse=True)
+    def _database(self, tmp_path: Path) -> None:
+        self.url = f"sqlite+aiosqlite:///{tmp_path / 'log.db'}"
+
+    def process_url(self) -> str | None:
+        return f"log+{self.url}?poll_interval=0.05"
+
+    async def open_transport(self, clock: Clock) -> Transport:
+        store = await open_store(self.url)
+        return LogTransport(store, clock=clock, owns_store=True, poll_interval=0.05)
+
+
 async def test_broker_opens_log_transport_from_the_url(tmp_path: Path) -> None:
     url = f"log+sqlite+aiosqlite:///{tmp_path / 'm.db'}?poll_interval=0.2"
     async with Runtime(load_settings({}), clock=VirtualClock()) as runtime:
