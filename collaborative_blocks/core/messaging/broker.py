@@ -44,7 +44,7 @@ import re
 import zlib
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from opentelemetry import metrics, trace
@@ -236,8 +236,7 @@ class MessageContext:
         if self._outbox is None:
             self._outbox = []
         self._outbox.append(
-            replace(
-                message,
+            message._replace(
                 source=message.source or self.system,
                 causation_id=message.causation_id or self.message.id,
                 correlation_id=message.correlation_id
@@ -872,7 +871,7 @@ class MessageBroker:
         if message.id and message.created_at and message.ttl is not None:
             return message
         now = self.clock.now()
-        # Built directly rather than with dataclasses.replace: this runs on every publish.
+        # Built directly rather than with _replace: this runs on every publish.
         return Message(
             message.type,
             message.name,

@@ -17,8 +17,8 @@ import enum
 import json
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any, TypeAlias
+from types import MappingProxyType
+from typing import Any, NamedTuple, TypeAlias
 
 from collaborative_blocks.errors import MessageRejectedError, RejectionReason
 
@@ -110,9 +110,14 @@ _TYPES = {t.value: t for t in MessageType}
 _GUARANTEES = {g.value: g for g in DeliveryGuarantee}
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
-    """One message between systems.
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
+
+
+class Message(NamedTuple):
+    """One message between systems: an immutable value.
+
+    (A named tuple rather than a frozen dataclass: building one is five times cheaper, and
+    the broker builds one on every publish. Change fields with ``message._replace(...)``.)
 
     ``id`` is unique and time-sortable (filled in by the broker when empty). ``target`` names
     the receiving system of a COMMAND or QUERY (and the querying system of a RESPONSE).
@@ -128,7 +133,7 @@ class Message:
     target: str | None = None
     id: str = ""
     key: str | None = None
-    headers: Mapping[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str] = _NO_HEADERS
     correlation_id: str | None = None
     causation_id: str | None = None
     created_at: float = 0.0
@@ -165,10 +170,10 @@ class Message:
         return self.ttl is not None and now > self.created_at + self.ttl
 
     def with_header(self, name: str, value: str) -> Message:
-        return replace(self, headers={**self.headers, name: value})
+        return self._replace(headers={**self.headers, name: value})
 
     def with_headers(self, headers: Mapping[str, str]) -> Message:
-        return replace(self, headers=headers)
+        return self._replace(headers=headers)
 
     def to_dict(self) -> dict[str, JSONValue]:
         """The wire object (what :func:`encode` serialises)."""
