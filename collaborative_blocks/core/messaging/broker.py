@@ -544,7 +544,7 @@ class _Consumer:
         token = current_message.set(message)
         try:
             telemetry = broker.telemetry
-            if telemetry.tracing_enabled:
+            if telemetry.tracing():
                 with telemetry.process(message, self.subject, self.group) as span:
                     await self._attempts(worker, delivery, message, span)
             else:
@@ -946,7 +946,7 @@ class MessageBroker:
                     "before sending to it"
                 )
         telemetry = self.telemetry
-        if telemetry.tracing_enabled:
+        if telemetry.tracing():
             with telemetry.send(message, subject) as traced:
                 await transport.publish(subject, traced)
             message = traced

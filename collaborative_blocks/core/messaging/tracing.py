@@ -46,6 +46,9 @@ class MessagingTelemetry:
         dead_letter_depth: Callable[[], int] | None = None,
     ) -> None:
         self.tracing_enabled = tracing_enabled
+        self._explicit_provider = tracer_provider is not None
+        self._checks_left = 0
+        self._global_recording = False
         self._tracer = trace.get_tracer(_INSTRUMENTATION, tracer_provider=tracer_provider)
         meter = metrics.get_meter(_INSTRUMENTATION, meter_provider=meter_provider)
         # Counting in plain dicts and reporting through observable counters keeps the
@@ -124,6 +127,27 @@ class MessagingTelemetry:
         counts[system] = counts.get(system, 0) + 1
 
     # -- spans -----------------------------------------------------------------------------
+
+    def tracing(self) -> bool:
+        """Whether spans are wanted and someone records them.
+
+        Without an SDK tracer provider (given, or installed globally, possibly later) spans
+        would be no-ops and no trace context could be injected, so the broker skips the
+        span machinery altogether, which keeps the hot path as fast as with tracing off.
+        """
+        if not self.tracing_enabled:
+            return False
+        if self._explicit_provider:
+            return True
+        # Looking the global provider up reads the environment: do it every 1024 calls.
+        self._checks_left -= 1
+        if self._checks_left < 0:
+            self._checks_left = 1023
+            provider = trace.get_tracer_provider()
+            self._global_recording = not isinstance(
+                provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider
+            )
+        return self._global_recording
 
     @contextmanager
     def send(self, message: Message, subject: str) -> Iterator[Message]:
