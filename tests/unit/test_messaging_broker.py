@@ -662,3 +662,40 @@ async def test_consumer_survives_a_transport_that_disappears_mid_run(clock: Virt
     await until(clock, lambda: seen == [1])
     assert broker.telemetry.counts["failed"]["broker"] == 3
     await broker.close()
+
+
+async def test_subscribe_with_target_serves_a_systems_commands(
+    broker: MessageBroker, clock: VirtualClock
+) -> None:
+    handled: list[str] = []
+
+    async def handler(message: Message) -> None:
+        handled.append(message.name)
+
+    subscription = await broker.subscribe("orders.*", handler, target="orders")
+    assert subscription.group == "orders"
+    shop = SystemConnector("shop", broker)
+    await shop.send_command("orders", "orders.ship", {"order": 1})
+    await shop.send_command("orders", "refund", {"order": 1})  # not matched: acked, not handled
+    await until(clock, lambda: handled == ["orders.ship"])
+    await subscription.close()
+    with pytest.raises(NoRouteError):
+        await shop.send_command("orders", "orders.ship", {"order": 2})
+
+
+async def test_closing_a_connector_fails_its_pending_queries(
+    broker: MessageBroker, clock: VirtualClock
+) -> None:
+    never = asyncio.Event()
+
+    async def stall(message: Message) -> object:
+        await never.wait()
+        return None
+
+    SystemConnector("slow", broker).on_query("wait", stall)
+    asker = SystemConnector("asker", broker)
+    pending = asyncio.ensure_future(asker.query("slow", "wait", timeout=60))
+    await until(clock, lambda: bool(asker._pending))
+    await asker.close()
+    with pytest.raises(Exception, match="was closed"):
+        await pending
