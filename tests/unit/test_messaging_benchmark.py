@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collaborative_blocks.core.messaging.benchmark import run_broker_bench
+from collaborative_blocks.bench.broker import run_broker_bench
 
 
 async def test_benchmark_reports_both_cases() -> None:
