@@ -351,6 +351,8 @@ class _Writer:
             target=self._run, name=f"cb-sqlite-writer:{path.name}", daemon=True
         )
         self._conn: sqlite3.Connection | None = None
+        self.crashed: StoreError | None = None
+        self._in_flight: list[_Job] = []
         self._versions: dict[str, int | None] = {}
         self._last_position: int | None = None
         self._data_version: int | None = None
@@ -380,13 +382,29 @@ class _Writer:
         loop.call_soon_threadsafe(_set_result, ready, None)
         try:
             self._serve(self._conn)
+        except BaseException as exc:  # a bug, not a database error: those are per request
+            self.crashed = StoreUnavailableError(
+                f"the writer thread of the SQLite event store {self.path} stopped: {exc!r}. "
+                "Appends already acknowledged are stored; close the store and open it again."
+            )
+            self._send([_Outcome(job, error=self.crashed) for job in self._in_flight], False)
+            self._fail_waiting(self.crashed)
         finally:
             self._conn.close()
+
+    def _fail_waiting(self, error: StoreError) -> None:
+        while True:
+            try:
+                job = self.queue.get_nowait()
+            except queue.Empty:
+                return
+            self._send([_Outcome(job, error=error)], False)
 
     def _serve(self, conn: sqlite3.Connection) -> None:
         get_nowait = self.queue.get_nowait
         while True:
             group: list[_Job] = [self._next_job()]
+            self._in_flight = group
             while len(group) < MAX_GROUP:
                 try:
                     group.append(get_nowait())
@@ -752,6 +770,8 @@ class SQLiteEventStore(EventStore):
     def _check_open(self) -> None:
         if self._closed:
             raise StoreClosedError(f"the SQLite event store {self.path} is closed; open a new one")
+        if self._writer.crashed is not None:
+            raise self._writer.crashed
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -952,7 +972,8 @@ class SQLiteEventStore(EventStore):
             if self._writer.thread.is_alive():
                 stopped: asyncio.Future[None] = loop.create_future()
                 self._writer.queue.put(_StopJob(loop, stopped))
-                await stopped
+                with contextlib.suppress(StoreError):  # the writer crashed meanwhile
+                    await stopped
                 # The last connection to close checkpoints the WAL: not on the event loop.
                 await asyncio.to_thread(self._writer.thread.join)
             await asyncio.to_thread(self._readers.close)

@@ -493,3 +493,25 @@ async def test_many_concurrent_appenders_share_commits(store: SQLiteEventStore) 
     assert len(groups) < 64 * 5  # some commits carried several callers' appends
     for i in (0, 31, 63):
         assert [e.version for e in await store.read(f"s-{i}")] == [1, 2, 3, 4, 5]
+
+
+async def test_a_crashed_writer_fails_appends_instead_of_hanging(
+    store: SQLiteEventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await store.append("a", [ev(b"kept")])
+
+    def broken(self: Any, conn: sqlite3.Connection, jobs: list[Any]) -> Any:
+        raise RuntimeError("a bug in the writer")
+
+    monkeypatch.setattr(sqlite_module._Writer, "_commit_group", broken)
+    with pytest.raises(StoreUnavailableError, match="writer thread"):
+        await store.append("a", [ev(b"lost")])
+    with pytest.raises(StoreUnavailableError, match="open it again"):
+        await store.append("a", [ev(b"refused")])
+    await store.close()
+    monkeypatch.undo()
+    reopened = await open_sqlite_store(f"sqlite:///{store.path}")
+    try:
+        assert [e.state for e in await reopened.read("a")] == [b"kept"]
+    finally:
+        await reopened.close()
