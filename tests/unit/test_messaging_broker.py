@@ -699,3 +699,42 @@ async def test_closing_a_connector_fails_its_pending_queries(
     await asker.close()
     with pytest.raises(Exception, match="was closed"):
         await pending
+
+
+async def test_exactly_once_outbox_is_sent_even_if_sending_failed_after_commit(
+    broker: MessageBroker, clock: VirtualClock
+) -> None:
+    followers: list[Message] = []
+
+    async def deposit(message: Message, ctx: MessageContext) -> None:
+        ctx.append("account-3", [NewEvent("Deposited", b"{}")])
+        ctx.publish(Message(MessageType.EVENT, "deposited", {"account": 3}))
+
+    async def follow(message: Message) -> None:
+        followers.append(message)
+
+    await broker.subscribe("deposit", deposit, group="ledger")
+    await broker.subscribe("deposited", follow, group="mailer")
+    real_publish = broker.publish
+    failures = 0
+
+    async def publish_failing_once(message: Message) -> Message:
+        nonlocal failures
+        if message.name == "deposited" and failures == 0:
+            failures += 1  # the process "dies" after the commit, before the send
+            raise TransportUnavailableError("connection lost")
+        return await real_publish(message)
+
+    broker.publish = publish_failing_once  # type: ignore[method-assign]
+    origin = await broker.publish(
+        Message(
+            MessageType.EVENT, "deposit", source="bank", guarantee=DeliveryGuarantee.EXACTLY_ONCE
+        )
+    )
+    await until(clock, lambda: bool(followers))
+    await clock.advance(5)
+    assert failures == 1
+    assert len(followers) == 1
+    assert followers[0].causation_id == origin.id
+    assert broker.store is not None
+    assert len(await broker.store.read("account-3")) == 1

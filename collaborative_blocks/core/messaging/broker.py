@@ -60,6 +60,7 @@ from collaborative_blocks.core.messaging.envelope import (
     Message,
     MessageType,
     decode,
+    encode,
     new_message_id,
 )
 from collaborative_blocks.core.messaging.tracing import MessagingTelemetry
@@ -117,6 +118,12 @@ DEFAULT_GUARANTEES: Mapping[MessageType, DeliveryGuarantee] = {
 }
 
 EVENTS_SUBJECT = "cb.events"
+OUTBOX_TOPIC = "collaborative_blocks.messaging:Outgoing"
+
+
+def outbox_stream(message_id: str) -> str:
+    """Where the messages published while handling ``message_id`` (EXACTLY_ONCE) are kept."""
+    return f"cb-outbox:{message_id}"
 
 
 def event_subject() -> str:
@@ -196,7 +203,9 @@ class MessageContext:
     transaction; for an EXACTLY_ONCE message that transaction also records the message id
     in the consumer's inbox, so the effect happens once however often it is delivered.
     Messages given to :meth:`publish` are sent after that commit (with this message as their
-    cause), and not at all if the handler fails.
+    cause), and not at all if the handler fails. For EXACTLY_ONCE they are committed in the
+    same transaction (an outbox), so a crash between commit and send only delays them: the
+    redelivered duplicate sends them, with the same ids.
     """
 
     __slots__ = ("_outbox", "_requests", "attempt", "broker", "group", "message", "system")
@@ -536,6 +545,7 @@ class _Consumer:
                 await delivery.ack()
                 return
             if delivery.attempt > 1 and await store.has_processed(self.group, message.id):
+                await self._resend_outbox(message)
                 await delivery.ack()
                 broker._receipt(message.id, self.group, ReceiptStatus.DUPLICATE, delivery.attempt)
                 return
@@ -551,6 +561,40 @@ class _Consumer:
                 await self._attempts(worker, delivery, message, None)
         finally:
             current_message.reset(token)
+
+    async def _commit_exactly_once(self, message: Message, ctx: MessageContext) -> None:
+        """Effects, inbox record and outbox in one transaction; then send the outbox.
+
+        The outbox is stored under the handled message's id, so if this process dies between
+        the commit and the sends, the redelivered duplicate sends them (same ids) instead.
+        """
+        broker = self.broker
+        assert broker.store is not None
+        requests = list(ctx._requests or ())
+        outgoing = [broker.stamp(m) for m in ctx._outbox] if ctx._outbox else []
+        if outgoing:
+            requests.append(
+                AppendRequest(
+                    outbox_stream(message.id),
+                    [
+                        NewEvent(OUTBOX_TOPIC, encode(m, max_bytes=broker.max_message_bytes))
+                        for m in outgoing
+                    ],
+                )
+            )
+        await broker.store.append_many(
+            requests, tracking=Tracking(self.group, message_id=message.id)
+        )
+        for sent in outgoing:
+            await broker.publish(sent)
+
+    async def _resend_outbox(self, message: Message) -> None:
+        """A duplicate of an EXACTLY_ONCE message: send what its first handling committed."""
+        store = self.broker.store
+        if store is None or message.guarantee is not DeliveryGuarantee.EXACTLY_ONCE:
+            return
+        for event in await store.read(outbox_stream(message.id)):
+            await self.broker.publish(decode(event.state))
 
     async def _attempts(
         self, worker: _Worker, delivery: Delivery, message: Message, span: Any
@@ -589,18 +633,17 @@ class _Consumer:
                     worker.expired_seq = None
                     worker.task.uncancel()
                 if guarantee is DeliveryGuarantee.EXACTLY_ONCE:
-                    assert broker.store is not None
-                    await broker.store.append_many(
-                        ctx._requests or (), tracking=Tracking(self.group, message_id=message.id)
-                    )
-                elif ctx._requests:
-                    assert broker.store is not None
-                    await broker.store.append_many(ctx._requests)
-                if ctx._outbox:
-                    for outgoing in ctx._outbox:
-                        await broker.publish(outgoing)
+                    await self._commit_exactly_once(message, ctx)
+                else:
+                    if ctx._requests:
+                        assert broker.store is not None
+                        await broker.store.append_many(ctx._requests)
+                    if ctx._outbox:
+                        for outgoing in ctx._outbox:
+                            await broker.publish(outgoing)
             except DuplicateMessageError:
                 if guarantee is not DeliveryGuarantee.AT_MOST_ONCE:
+                    await self._resend_outbox(message)
                     await delivery.ack()
                 broker._receipt(message.id, self.group, ReceiptStatus.DUPLICATE, attempt)
                 return
