@@ -9,13 +9,15 @@ Two cases of the issue's targets, each the median of ``rounds`` runs:
   20,000 messages/s).
 
 Both run with the default settings (``DISTRIBUTED_TRACING_ENABLED=true``; spans cost nothing
-until an OpenTelemetry SDK tracer provider is installed). Measuring elapsed real time is this module's purpose, so it reads ``time.perf_counter``; the
-broker itself still runs on its injected clock.
+until an OpenTelemetry SDK tracer provider is installed). Measuring elapsed real time is this
+module's purpose, so it reads ``time.perf_counter``; the broker itself still runs on its
+injected clock. Run it with ``python -m collaborative_blocks.bench.broker``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import statistics
 import tempfile
 import time
@@ -123,7 +125,10 @@ async def run_broker_bench(
     in_process: list[float] = []
     exactly_once: list[float] = []
     for _ in range(rounds):
+        # Start each case from a clean heap, so one case's garbage is not the next one's cost.
+        gc.collect()
         in_process.append(await _in_process(in_process_messages))
+        gc.collect()
         with tempfile.TemporaryDirectory() as directory:
             exactly_once.append(await _exactly_once(exactly_once_messages, Path(directory)))
     return [
