@@ -9,7 +9,7 @@ import pytest
 from collaborative_blocks import Runtime, load_settings
 from collaborative_blocks.core.clock import Clock, VirtualClock
 from collaborative_blocks.core.messaging import MessageBroker, Transport
-from collaborative_blocks.errors import ConfigurationError
+from collaborative_blocks.errors import ConfigurationError, StoreClosedError
 from collaborative_blocks.plugins.transports.log import LogTransport
 from collaborative_blocks.stores import open_store
 from collaborative_blocks.stores.memory import MemoryEventStore
@@ -67,3 +67,15 @@ async def test_bad_poll_interval_is_a_configuration_error() -> None:
         broker = MessageBroker("log+memory://?poll_interval=soon", runtime=runtime)
         with pytest.raises(ConfigurationError, match="poll_interval"):
             await broker.start()
+
+
+async def test_log_scheme_alone_uses_the_event_store_url(tmp_path: Path) -> None:
+    settings = load_settings({"EVENT_STORE_URL": f"sqlite+aiosqlite:///{tmp_path / 'e.db'}"})
+    broker = MessageBroker("log://", settings=settings, clock=VirtualClock(), tracing=False)
+    await broker.start()
+    transport = broker.transport
+    assert isinstance(transport, LogTransport)
+    assert transport.store.url.startswith("sqlite")
+    await broker.close()
+    with pytest.raises(StoreClosedError):
+        await transport.store.max_position()  # the broker closed what it opened

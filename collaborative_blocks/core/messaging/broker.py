@@ -833,6 +833,7 @@ class MessageBroker:
         self._start_lock: asyncio.Lock | None = None
         self._closed = False
         self.max_message_bytes = 1 << 20
+        self._own_runtime: Runtime | None = None
         self._offered: frozenset[DeliveryGuarantee] = frozenset()
         self._all_guarantees = False
 
@@ -869,6 +870,8 @@ class MessageBroker:
                 from collaborative_blocks.core.runtime import Runtime
 
                 runtime = Runtime(self.settings, clock=self.clock, rng=self.rng, store=self.store)
+                # Ours to close: log:// may have opened the EVENT_STORE_URL store through it.
+                self._own_runtime = runtime
             self._transport = await open_transport(self.url, runtime=runtime)
         if self.store is None and self._runtime is not None and self._needs_store():
             self.store = await self._runtime.store()
@@ -900,6 +903,8 @@ class MessageBroker:
             await self._stop_consumer(spec)
         if self._transport is not None and self._owns_transport:
             await self._transport.close()
+        if self._own_runtime is not None:
+            await self._own_runtime.close()
 
     async def __aenter__(self) -> MessageBroker:
         return await self.start()
