@@ -9,7 +9,9 @@ guarantee, but is neither durable nor crash-safe across processes.
 
 Configuration: ``memory://?max_backlog=N`` bounds how many messages of one subject wait
 for the slowest group before publishers wait (backpressure; default 10,000). A subject with
-no consumer group keeps nothing: a new group starts with the next message.
+no consumer group keeps nothing: a new group starts with the next message, and a group whose
+last consumer closed its subscription is gone (a consumer that dies without closing keeps its
+group, so its unacknowledged messages go to the next consumer of that group).
 
 A third-party transport plugin has the same shape as this module: a factory with
 ``schemes`` and ``async open(url, *, runtime)``, returned from ``cb_transport_factories``.
@@ -115,6 +117,7 @@ class _Group:
         "clock",
         "cursor",
         "delayed",
+        "members",
         "name",
         "pending",
         "ready",
@@ -134,6 +137,7 @@ class _Group:
         # so a deque ordered by hand-out time is also ordered by deadline.
         self.pending: deque[MemoryDelivery] = deque()
         self.ack_timeout: float | None = None
+        self.members = 0
         self.wakeup = asyncio.Event()
         self.tiebreak = itertools.count()
 
@@ -257,6 +261,14 @@ class _MemorySubscription:
         for delivery in list(group.pending):
             if delivery._consumer is self._consumer and not delivery._settled:
                 group.settle(delivery, redeliver_at=group.clock.monotonic())
+        group.members -= 1
+        if group.members == 0:
+            # Nothing outlives the process here, so a group nobody consumes any more would
+            # only hold messages back (and, once the backlog is full, block publishers).
+            subject = group.subject
+            if subject.groups.get(group.name) is group:
+                del subject.groups[group.name]
+                subject.trim()
         group.wakeup.set()
 
 
@@ -315,6 +327,7 @@ class MemoryTransport:
         state = target.groups.get(group)
         if state is None:
             state = target.groups[group] = _Group(target, group, self._clock)
+        state.members += 1
         if state.ack_timeout is None:
             state.ack_timeout = ack_timeout
         # One ack timeout per group (the first subscriber's) keeps deadlines ordered.
