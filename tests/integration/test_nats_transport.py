@@ -52,10 +52,16 @@ class TestNatsConformance(TransportConformance):
     virtual_time = False
     ack_timeout = 1.0
 
+    url: str | None = None
+
+    def process_url(self) -> str | None:
+        return self.url
+
     @pytest.fixture
     async def transport(self, clock: Clock) -> AsyncIterator[Transport]:
         require_nats()
-        transport = await NatsTransportFactory().open(_test_url(), runtime=Runtime(clock=clock))
+        url = self.url = _test_url()
+        transport = await NatsTransportFactory().open(url, runtime=Runtime(clock=clock))
         assert isinstance(transport, NatsJetStreamTransport)
         try:
             yield transport

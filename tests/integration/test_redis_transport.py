@@ -52,10 +52,15 @@ class TestRedisConformance(TransportConformance):
     virtual_time = False
     ack_timeout = 1.0
 
+    url: str | None = None
+
+    def process_url(self) -> str | None:
+        return self.url
+
     @pytest.fixture
     async def transport(self, clock: Clock) -> AsyncIterator[Transport]:
         require_redis()
-        url = _test_url()
+        url = self.url = _test_url()
         transport = await RedisTransportFactory().open(url, runtime=Runtime(clock=clock))
         try:
             yield transport
