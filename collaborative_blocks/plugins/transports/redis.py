@@ -458,7 +458,13 @@ class _RedisSubscription:
 
         async def pending() -> Any:
             return await client.xpending_range(
-                self.key, self.group, low, high, len(entry_ids) * 4, consumername=self.consumer
+                self.key,
+                self.group,
+                low,
+                high,
+                # The range may also hold this consumer's other in-flight entries.
+                len(entry_ids) + len(self._held) + 16,
+                consumername=self.consumer,
             )
 
         rows = await self._call(pending)
