@@ -236,3 +236,8 @@ class DeadLetterNotFoundError(MessagingError, LookupError):
 
 class PublishTimeoutError(MessagingError, TimeoutError):
     """The transport did not accept a message in time (consumers are lagging: backpressure)."""
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password hidden, for error messages and logs (plugins use this)."""
+    return _redact(url)

@@ -61,7 +61,8 @@ from collaborative_blocks.core.messaging.transport import (
     Transport,
     TransportCapabilities,
 )
-from collaborative_blocks.errors import ConfigurationError, TransportUnavailableError, _redact
+from collaborative_blocks.errors import ConfigurationError, TransportUnavailableError
+from collaborative_blocks.errors import redact_url as _redact
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
