@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import os
 import queue
 import sqlite3
 import threading
@@ -77,8 +76,6 @@ MAX_GROUP: Final = 512
 # How long a connection waits for another process's write lock before giving up (seconds).
 BUSY_TIMEOUT: Final = 10.0
 READER_THREADS: Final = 2
-# How many times the idle writer polls its queue (yielding in between) before it blocks.
-SPIN_TURNS: Final = 100
 # Stream versions the writer remembers between transactions (then it starts over).
 VERSION_CACHE_LIMIT: Final = 100_000
 # SQLite's "no limit" and "no upper bound", so one compiled statement serves every call.
@@ -393,17 +390,19 @@ class _Writer:
             self._conn.close()
 
     def _fail_waiting(self, error: StoreError) -> None:
+        # Keep answering until close(), so that no append submitted in the meantime waits
+        # forever (checking `crashed` and queueing are not atomic with this thread).
         while True:
-            try:
-                job = self.queue.get_nowait()
-            except queue.Empty:
+            job = self.queue.get()
+            if isinstance(job, _StopJob):
+                self._send([_Outcome(job)], False)
                 return
             self._send([_Outcome(job, error=error)], False)
 
     def _serve(self, conn: sqlite3.Connection) -> None:
         get_nowait = self.queue.get_nowait
         while True:
-            group: list[_Job] = [self._next_job()]
+            group: list[_Job] = [self.queue.get()]
             self._in_flight = group
             while len(group) < MAX_GROUP:
                 try:
@@ -419,19 +418,6 @@ class _Writer:
                 # close() refuses new work before it queues the stop, so nothing follows it.
                 self._send([_Outcome(stop) for stop in stops], False)
                 return
-
-    def _next_job(self) -> _Job:
-        get_nowait = self.queue.get_nowait
-        # A caller that appends in a loop sends its next append a few microseconds after
-        # its result arrives. Waking a blocked thread costs tens of microseconds on a busy
-        # or virtual machine, a large share of a commit, so stay runnable for a moment
-        # (yielding the CPU and the GIL on every turn) before blocking.
-        for _ in range(SPIN_TURNS):
-            try:
-                return get_nowait()
-            except queue.Empty:
-                os.sched_yield()
-        return self.queue.get()
 
     def _send(self, outcomes: list[_Outcome], wrote: bool) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
