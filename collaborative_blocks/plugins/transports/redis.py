@@ -513,11 +513,17 @@ class _RedisSubscription:
 
     async def _keep_delayed(self) -> None:
         """Hold entries nacked with a delay longer than the ack timeout until they are due."""
+        try:
+            await self._keep_delayed_loop()
+        except Exception as error:
+            # The entries stay pending: the ack timeout brings them back, only earlier.
+            log.warning("redis stream %s: holding delayed entries failed: %s", self.key, error)
+
+    async def _keep_delayed_loop(self) -> None:
         clock = self._clock
         refresh = self.ack_timeout / 2
         while self._delayed and not self._closed:
             now = clock.monotonic()
-            keep: list[bytes] = []
             while self._delayed and self._delayed[0][0] - now <= self.ack_timeout:
                 due, entry_id = heapq.heappop(self._delayed)
                 await self._set_idle(entry_id, self.ack_timeout - max(due - now, 0.0))
