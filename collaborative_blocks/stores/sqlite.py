@@ -32,7 +32,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar
 from urllib.parse import parse_qsl, unquote
@@ -721,17 +721,15 @@ class _Readers:
 # -- the store -----------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class _Closing:
-    future: asyncio.Future[None] | None = None
-    waiters: list[asyncio.Future[None]] = field(default_factory=list)
-
-
 class SQLiteEventStore(EventStore):
     """The event store in one SQLite file. Open it with :func:`open_sqlite_store`.
 
     Subscriptions follow commits made through this store object (in this process); commits
     by other processes on the same file are seen by reads and by the next catch-up.
+
+    Cancelling a task that awaits an append does not withdraw the append: once queued it
+    commits (or fails) with its group; only the result is not delivered. Read the stream
+    (or use ``expected_version`` on the retry) to find out.
     """
 
     def __init__(self, url: str, path: Path, synchronous: str) -> None:
