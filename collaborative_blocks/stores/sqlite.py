@@ -58,11 +58,13 @@ from collaborative_blocks.stores.base import (
     CommitSignal,
     CommitWaiter,
     EventStore,
+    NewEvent,
     Snapshot,
     StoredEvent,
     StoreStats,
     StreamInfo,
     Tracking,
+    validate_append,
     validate_request,
 )
 
@@ -248,6 +250,15 @@ _W_SNAPSHOT = (
     "ON CONFLICT (stream) DO UPDATE SET version = excluded.version, topic = excluded.topic, "
     f"state = excluded.state WHERE excluded.version >= {_S}.version"
 )
+
+
+def _int64(value: int) -> int:
+    """Clamp a bound into SQLite's integer range: nothing is stored beyond it anyway."""
+    return max(-MAX_INT64, min(value, MAX_INT64))
+
+
+def _limit(limit: int | None) -> int:
+    return NO_LIMIT if limit is None else _int64(max(limit, 0))
 
 
 # -- rows ----------------------------------------------------------------------------------
@@ -759,6 +770,23 @@ class SQLiteEventStore(EventStore):
 
     # -- writing ---------------------------------------------------------------------------
 
+    async def append(
+        self,
+        stream: str,
+        events: Sequence[NewEvent],
+        *,
+        expected_version: int | None = None,
+        tracking: Tracking | None = None,
+    ) -> list[int]:
+        # The common call, without the generic path's extra layers (same semantics).
+        self._check_open()
+        validate_append(stream, events, expected_version)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[list[int]]] = loop.create_future()
+        request = AppendRequest(stream, events, expected_version)
+        self._writer.queue.put(_AppendJob(loop, future, (request,), tracking))
+        return (await future)[0]
+
     async def append_many(
         self, requests: Sequence[AppendRequest], *, tracking: Tracking | None = None
     ) -> list[list[int]]:
@@ -832,9 +860,9 @@ class SQLiteEventStore(EventStore):
         statement = statements.read_backward if backwards else statements.read_forward
         params = statement.params(
             stream=stream,
-            lo=from_version,
-            hi=to_version,
-            limit=NO_LIMIT if limit is None else max(limit, 0),
+            lo=_int64(from_version),
+            hi=None if to_version is None else _int64(to_version),
+            limit=_limit(limit),
         )
         path = self.path
         return await self._read(
@@ -853,9 +881,9 @@ class SQLiteEventStore(EventStore):
     ) -> list[StoredEvent]:
         statements = _statements()
         values: dict[str, Any] = {
-            "lo": from_position,
-            "hi": MAX_INT64 if to_position is None else to_position,
-            "limit": NO_LIMIT if limit is None else max(limit, 0),
+            "lo": _int64(from_position),
+            "hi": MAX_INT64 if to_position is None else _int64(to_position),
+            "limit": _limit(limit),
         }
         if topics:
             wanted = sorted(set(topics))
@@ -882,7 +910,7 @@ class SQLiteEventStore(EventStore):
 
     async def streams(self, *, prefix: str = "", limit: int = 100) -> list[StreamInfo]:
         statement = _statements().streams
-        params = statement.params(prefix=prefix, limit=max(limit, 0))
+        params = statement.params(prefix=prefix, limit=_limit(limit))
         rows = await self._read(lambda conn: conn.execute(statement.text, params).fetchall())
         return [StreamInfo(str(s), int(v), int(lo), int(hi)) for s, v, lo, hi in rows]
 

@@ -515,3 +515,11 @@ async def test_a_crashed_writer_fails_appends_instead_of_hanging(
         assert [e.state for e in await reopened.read("a")] == [b"kept"]
     finally:
         await reopened.close()
+
+
+async def test_bounds_beyond_64_bits_read_like_no_bound(store: SQLiteEventStore) -> None:
+    await store.append("a", [ev(), ev()])
+    assert len(await store.read("a", to_version=2**70, limit=2**70)) == 2
+    assert await store.read("a", from_version=2**70) == []
+    assert len(await store.read_all(from_position=-(2**70), to_position=2**70)) == 2
+    assert await store.read_all(from_position=2**70) == []
