@@ -219,3 +219,56 @@ def store_command(
     for result in results:
         for note in result.notes:
             console.print(f"[dim]{result.key}: {note}[/]")
+
+
+@app.command("broker")
+def broker_command(
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="Tiny sizes, one round (tests).")] = False,
+    rounds: Annotated[
+        int | None, typer.Option(min=1, help="Rounds per case (default 3; 1 with --quick).")
+    ] = None,
+) -> None:
+    """Broker throughput: in-process AT_LEAST_ONCE and EXACTLY_ONCE through the SQLite inbox."""
+    from collaborative_blocks.bench.broker import run_broker_bench
+
+    sizes = {"in_process_messages": 2_000, "exactly_once_messages": 500} if quick else {}
+    chosen_rounds = rounds if rounds is not None else (1 if quick else 3)
+    results = run_async(lambda: run_broker_bench(rounds=chosen_rounds, **sizes))
+    machine = machine_info()
+    if as_json:
+        print_json(
+            {
+                "benchmark": "broker",
+                "machine": machine,
+                "rounds": chosen_rounds,
+                "cases": [
+                    {
+                        "case": r.case,
+                        "messages": r.messages,
+                        "rates": list(r.rates),
+                        "median": r.median,
+                        "target": r.target,
+                        "met": r.met,
+                    }
+                    for r in results
+                ],
+            }
+        )
+        return
+    table = Table(
+        title=f"cblocks bench broker: medians of {chosen_rounds} round(s), "
+        f"{machine['nproc']} CPUs, Python {machine['python']}"
+    )
+    for column in ("case", "messages", "median msg/s", "rounds", "target", "met?"):
+        table.add_column(column, justify="left" if column == "case" else "right")
+    for r in results:
+        table.add_row(
+            r.case,
+            f"{r.messages:,}",
+            f"{r.median:,.0f}",
+            ", ".join(f"{rate:,.0f}" for rate in r.rates),
+            f">= {r.target:,.0f}",
+            "[green]yes[/]" if r.met else "[red]no[/]",
+        )
+    console.print(table)

@@ -110,3 +110,14 @@ def test_bench_store_markdown_for_the_docs() -> None:
     assert "| case | ours | baseline | ratio | per round | target | met? |" in result.stdout
     assert "raw sqlite3 executemany" in result.stdout
     assert "medians of 1 interleaved round(s)" in result.stdout
+
+
+def test_bench_broker_quick_reports_both_cases_as_json() -> None:
+    result = runner.invoke(app, ["bench", "broker", "--quick", "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    cases = {case["case"]: case for case in payload["cases"]}
+    assert set(cases) == {"in_process_at_least_once", "exactly_once_sqlite_inbox"}
+    for case in cases.values():
+        assert case["median"] > 0
+        assert case["met"] == (case["median"] >= case["target"])
