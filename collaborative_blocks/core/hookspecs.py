@@ -58,7 +58,9 @@ def cb_transport_factories() -> Sequence[TransportFactory]:
     """Message transports this plugin provides, each for one or more URL schemes.
 
     Fires when a broker resolves ``MESSAGE_BROKER_URL``. Return a list of objects with a
-    ``schemes`` tuple, the ``guarantees`` they can give, and ``async open(url, *, runtime)``.
+    ``schemes`` tuple and ``async open(url, *, runtime)`` returning a
+    :class:`~collaborative_blocks.core.messaging.Transport`, whose ``capabilities`` declare the
+    delivery guarantees it can give (a broker asking for more fails at start-up).
     """
     raise NotImplementedError
 
