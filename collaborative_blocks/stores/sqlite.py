@@ -732,11 +732,17 @@ class _Readers:
 # -- the store -----------------------------------------------------------------------------
 
 
+#: How long an idle subscriber waits before looking for commits from other processes. A local
+#: commit wakes it at once; this only bounds how late another process's commit is seen.
+CROSS_PROCESS_POLL_SECONDS = 1.0
+
+
 class SQLiteEventStore(EventStore):
     """The event store in one SQLite file. Open it with :func:`open_sqlite_store`.
 
-    Subscriptions follow commits made through this store object (in this process); commits
-    by other processes on the same file are seen by reads and by the next catch-up.
+    Subscriptions wake at once on commits made through this store object; commits by other
+    processes (or other store objects) on the same file are picked up within
+    ``CROSS_PROCESS_POLL_SECONDS``, since SQLite has no notification channel between processes.
 
     Cancelling a task that awaits an append does not withdraw the append: once queued it
     commits (or fails) with its group; only the result is not delivered. Read the stream
@@ -747,7 +753,7 @@ class SQLiteEventStore(EventStore):
         self.url = url
         self.path = path
         self.synchronous = synchronous
-        self._signal = CommitSignal()
+        self._signal = CommitSignal(poll_interval=CROSS_PROCESS_POLL_SECONDS)
         self._writer = _Writer(path, synchronous, self._signal)
         self._readers = _Readers(path)
         self._closed = False
