@@ -50,13 +50,23 @@ class StoreError(CollaborativeBlocksError, _ESPersistenceError):
 class ConcurrencyError(StoreError, _ESIntegrityError):
     """An append's ``expected_version`` did not match the stream; nothing was written."""
 
-    def __init__(self, stream: str, expected: int, actual: int) -> None:
+    def __init__(
+        self, stream: str, expected: int, actual: int, *, first_version: int | None = None
+    ) -> None:
         self.stream = stream
         self.expected = expected
         self.actual = actual
+        self.first_version = first_version
+        if first_version is None:
+            problem = f"stream {stream!r} is at version {actual}, not the expected {expected}"
+        else:
+            problem = (
+                f"stream {stream!r} is already at version {actual}, so events numbered from "
+                f"version {first_version} would overwrite or precede it"
+            )
         super().__init__(
-            f"stream {stream!r} is at version {actual}, not the expected {expected}; "
-            "nothing was written. Reload the stream, re-apply the command and append again."
+            f"{problem}; nothing was written. Reload the stream, re-apply the command and "
+            "append again."
         )
 
 

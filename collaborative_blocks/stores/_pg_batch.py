@@ -104,7 +104,12 @@ def plan_batch(batch: Sequence[PendingAppend], state: CommittedState) -> BatchPl
                     raise ConcurrencyError(request.stream, request.expected_version, current)
                 if request.first_version is not None:
                     if exists and request.first_version <= current:
-                        raise ConcurrencyError(request.stream, request.first_version - 1, current)
+                        raise ConcurrencyError(
+                            request.stream,
+                            request.first_version - 1,
+                            current,
+                            first_version=request.first_version,
+                        )
                     current = request.first_version - 1
                 for offset, event in enumerate(request.events, start=1):
                     rows.append((request.stream, current + offset, event.topic, bytes(event.state)))

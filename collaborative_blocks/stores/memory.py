@@ -60,7 +60,12 @@ class MemoryEventStore(EventStore):
                 raise ConcurrencyError(request.stream, request.expected_version, current)
             if request.first_version is not None:
                 if self._has_events(request.stream, planned) and request.first_version <= current:
-                    raise ConcurrencyError(request.stream, request.first_version - 1, current)
+                    raise ConcurrencyError(
+                        request.stream,
+                        request.first_version - 1,
+                        current,
+                        first_version=request.first_version,
+                    )
                 current = request.first_version - 1
             if request.events:
                 planned[request.stream] = current + len(request.events)

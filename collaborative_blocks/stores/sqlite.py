@@ -569,7 +569,9 @@ def _apply_append(
             raise ConcurrencyError(stream, request.expected_version, current)
         if request.first_version is not None:
             if last is not None and request.first_version <= current:
-                raise ConcurrencyError(stream, request.first_version - 1, current)
+                raise ConcurrencyError(
+                    stream, request.first_version - 1, current, first_version=request.first_version
+                )
             current = request.first_version - 1
         plan.append((request, current + 1))
         if request.events:

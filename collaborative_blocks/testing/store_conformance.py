@@ -267,8 +267,11 @@ class StoreConformance(abc.ABC):
         self, store: EventStore, first_version: int
     ) -> None:
         await store.append_many([AppendRequest("agg", _events(3), first_version=0)])
-        with pytest.raises(ConcurrencyError):
+        with pytest.raises(ConcurrencyError) as raised:
             await store.append_many([AppendRequest("agg", _events(1), first_version=first_version)])
+        assert raised.value.first_version == first_version
+        assert raised.value.actual == 2
+        assert f"numbered from version {first_version}" in str(raised.value)
         assert [e.version for e in await store.read("agg")] == [0, 1, 2]
         await self.assert_log(store, [("agg", 0), ("agg", 1), ("agg", 2)])
 
