@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Callable
 
 import pytest
+from opentelemetry import trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -166,4 +167,41 @@ async def test_traceparent_header_is_w3c(clock: VirtualClock) -> None:
     version, trace_id, span_id, flags = sent.headers["traceparent"].split("-")
     assert (version, len(trace_id), len(span_id)) == ("00", 32, 16)
     assert int(flags, 16) & 1, "sampled"
+    await broker.close()
+
+
+async def test_explicit_tracer_provider_needs_no_global_one(clock: VirtualClock) -> None:
+    assert not isinstance(trace.get_tracer_provider(), TracerProvider), "no global SDK provider"
+    traced, exporter, _ = tracing_broker(clock)
+    untraced = MessageBroker(clock=clock, settings=load_settings({}))
+    sent = await traced.publish(Message(MessageType.EVENT, "x", source="shop"))
+    assert "traceparent" in sent.headers
+    (span,) = exporter.get_finished_spans()
+    assert (span.name, span.kind) == ("send cb.events", SpanKind.PRODUCER)
+    plain = await untraced.publish(Message(MessageType.EVENT, "x", source="shop"))
+    assert "traceparent" not in plain.headers, "without a provider nothing records spans"
+    await traced.close()
+    await untraced.close()
+
+
+async def test_reply_spans_are_named_after_the_subject_template(clock: VirtualClock) -> None:
+    broker, exporter, _ = tracing_broker(clock)
+    audit = SystemConnector("audit", broker)
+    asker = SystemConnector("asker", broker)
+
+    async def limit(message: Message) -> object:
+        return 100
+
+    audit.on_query("limit", limit)
+    assert await asker.query("audit", "limit", timeout=5) == 100
+    await until(clock, lambda: len(exporter.get_finished_spans()) >= 4)
+    replies = [s for s in exporter.get_finished_spans() if "replies" in s.name]
+    assert sorted((s.name, s.kind) for s in replies) == [
+        ("process cb.replies.{address}", SpanKind.CONSUMER),
+        ("send cb.replies.{address}", SpanKind.PRODUCER),
+    ]
+    for span in replies:
+        assert span.attributes is not None
+        assert span.attributes["messaging.destination.name"] == f"cb.replies.{asker.address}"
+        assert span.attributes["messaging.destination.temporary"] is True
     await broker.close()

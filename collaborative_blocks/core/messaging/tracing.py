@@ -32,6 +32,9 @@ __all__ = ["MessagingTelemetry"]
 _INSTRUMENTATION = "collaborative_blocks.messaging"
 _SYSTEM = "collaborative_blocks"
 _propagator = TraceContextTextMapPropagator()
+# Reply subjects are "cb.replies.<connector address>" (see broker.reply_subject).
+_REPLY_PREFIX = "cb.replies."
+_REPLY_TEMPLATE = "cb.replies.{address}"
 
 
 class MessagingTelemetry:
@@ -156,7 +159,7 @@ class MessagingTelemetry:
             yield message
             return
         with self._tracer.start_as_current_span(
-            f"send {subject}",
+            f"send {_span_destination(subject)}",
             kind=SpanKind.PRODUCER,
             attributes=_attributes(message, subject, "send"),
         ):
@@ -176,7 +179,7 @@ class MessagingTelemetry:
         token = otel_context.attach(parent)
         try:
             with self._tracer.start_as_current_span(
-                f"process {subject}",
+                f"process {_span_destination(subject)}",
                 kind=SpanKind.CONSUMER,
                 attributes=attributes,
                 record_exception=False,
@@ -193,6 +196,12 @@ class MessagingTelemetry:
             span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
 
 
+def _span_destination(subject: str) -> str:
+    # Span names must have low cardinality: a reply subject names one connector instance,
+    # so spans are named after its template instead (as semantic conventions ask).
+    return _REPLY_TEMPLATE if subject.startswith(_REPLY_PREFIX) else subject
+
+
 def _attributes(message: Message, subject: str, operation: str) -> dict[str, Any]:
     attributes: dict[str, Any] = {
         "messaging.system": _SYSTEM,
@@ -204,6 +213,9 @@ def _attributes(message: Message, subject: str, operation: str) -> dict[str, Any
         "cb.message.name": message.name,
         "cb.message.guarantee": message.guarantee.value,
     }
+    if subject.startswith(_REPLY_PREFIX):
+        attributes["messaging.destination.template"] = _REPLY_TEMPLATE
+        attributes["messaging.destination.temporary"] = True
     if message.correlation_id:
         attributes["messaging.message.conversation_id"] = message.correlation_id
     if message.source:
