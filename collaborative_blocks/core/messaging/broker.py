@@ -54,6 +54,8 @@ from collaborative_blocks.core.messaging.deadletters import (
     AttemptError,
     DeadLetterQueue,
     DeadLetterReason,
+    read_attempts,
+    record_attempt,
 )
 from collaborative_blocks.core.messaging.envelope import (
     DeliveryGuarantee,
@@ -606,6 +608,12 @@ class _Consumer:
         processor = self.spec.processor
         attempt = delivery.attempt
         errors: list[AttemptError] = []
+        # With a store, failed attempts are recorded durably, so a redelivery after a
+        # consumer crash continues the count (and the error list) where the dead one was.
+        history = broker.store if guarantee is not DeliveryGuarantee.AT_MOST_ONCE else None
+        if history is not None and attempt > 1:
+            errors = await read_attempts(history, self.group, message.id)
+            attempt = max(attempt, len(errors) + 1)
         while True:
             ctx = MessageContext(broker, message, attempt, self.group, self.system)
             worker.seq += 1
@@ -657,7 +665,16 @@ class _Consumer:
                     self.group,
                     self.system,
                     message=message,
-                    errors=[AttemptError(attempt, "PermanentFailure", str(failure), clock.now())],
+                    errors=[
+                        *errors,
+                        AttemptError(
+                            attempt,
+                            "PermanentFailure",
+                            str(failure),
+                            clock.now(),
+                            broker.consumer_name,
+                        ),
+                    ],
                 )
                 if guarantee is not DeliveryGuarantee.AT_MOST_ONCE:
                     await delivery.ack()
@@ -665,7 +682,12 @@ class _Consumer:
             except Exception as error:
                 telemetry.failed(self.system)
                 telemetry.record_error(span, error)
-                errors.append(AttemptError(attempt, type(error).__name__, str(error), clock.now()))
+                failed = AttemptError(
+                    attempt, type(error).__name__, str(error), clock.now(), broker.consumer_name
+                )
+                errors.append(failed)
+                if history is not None:
+                    await record_attempt(history, self.group, message.id, failed)
                 if guarantee is DeliveryGuarantee.AT_MOST_ONCE:
                     await broker._dead_letter(
                         DeadLetterReason.HANDLER_FAILED,

@@ -10,6 +10,11 @@ same subject) and purge them, from :meth:`MessageBroker.dead_letters
 With an event store the queue is durable: each dead letter, replay and purge is an event in
 the stream :data:`DEAD_LETTER_STREAM`, so the queue survives restarts and any process that
 opens the same store sees it. Without a store it lives in memory.
+
+With a store, every failed attempt is also recorded as it happens, in the stream
+:func:`attempts_stream` of its consumer group and message, so that a consumer that crashes
+mid-retry does not take its attempts' errors with it: the consumer that gets the redelivery
+continues the count and the dead letter lists every attempt, whichever process made it.
 """
 
 from __future__ import annotations
@@ -34,11 +39,15 @@ from collaborative_blocks.errors import (
 from collaborative_blocks.stores.base import EventStore, NewEvent
 
 __all__ = [
+    "ATTEMPT_FAILED_TOPIC",
     "DEAD_LETTER_STREAM",
     "AttemptError",
     "DeadLetter",
     "DeadLetterQueue",
     "DeadLetterReason",
+    "attempts_stream",
+    "read_attempts",
+    "record_attempt",
 ]
 
 #: The stream that holds the durable dead-letter queue.
@@ -46,6 +55,13 @@ DEAD_LETTER_STREAM = "cb-dead-letters"
 _DEAD_LETTERED = "collaborative_blocks.messaging:DeadLettered"
 _REPLAYED = "collaborative_blocks.messaging:DeadLetterReplayed"
 _PURGED = "collaborative_blocks.messaging:DeadLetterPurged"
+#: Topic of the events that record one failed attempt (see :func:`attempts_stream`).
+ATTEMPT_FAILED_TOPIC = "collaborative_blocks.messaging:AttemptFailed"
+
+
+def attempts_stream(group: str, message_id: str) -> str:
+    """Where the failed attempts of ``message_id`` in consumer group ``group`` are recorded."""
+    return f"cb-attempts:{group}:{message_id}"
 
 
 class DeadLetterReason(enum.Enum):
@@ -76,12 +92,13 @@ class DeadLetterReason(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class AttemptError:
-    """What went wrong in one attempt to handle a message."""
+    """What went wrong in one attempt to handle a message (``consumer``: who made it)."""
 
     attempt: int
     error_type: str
     error: str
     at: float
+    consumer: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -89,7 +106,18 @@ class AttemptError:
             "type": self.error_type,
             "error": self.error,
             "at": self.at,
+            "consumer": self.consumer,
         }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AttemptError:
+        return cls(
+            int(data["attempt"]),
+            str(data["type"]),
+            str(data["error"]),
+            float(data["at"]),
+            str(data.get("consumer", "")),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,10 +165,7 @@ class DeadLetter:
                 dead_lettered_at=float(data["dead_lettered_at"]),
                 message=from_dict(raw_message) if raw_message is not None else None,
                 raw=raw.encode("latin-1") if isinstance(raw, str) else None,
-                errors=tuple(
-                    AttemptError(e["attempt"], e["type"], e["error"], e["at"])
-                    for e in data.get("errors", ())
-                ),
+                errors=tuple(AttemptError.from_dict(e) for e in data.get("errors", ())),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise CorruptRecordError(f"a stored dead letter is not readable: {error}") from None
@@ -288,6 +313,31 @@ class DeadLetterQueue:
             elif event.topic in (_REPLAYED, _PURGED):
                 self._letters.pop(str(data.get("id")), None)
             self._loaded_version = event.version
+
+
+async def record_attempt(
+    store: EventStore, group: str, message_id: str, error: AttemptError
+) -> None:
+    """Record one failed attempt durably (before the consumer retries or gives up)."""
+    await store.append(
+        attempts_stream(group, message_id),
+        [NewEvent(ATTEMPT_FAILED_TOPIC, _dump(error.to_dict()))],
+    )
+
+
+async def read_attempts(store: EventStore, group: str, message_id: str) -> list[AttemptError]:
+    """Every failed attempt recorded for ``message_id`` in ``group``, oldest first."""
+    attempts = []
+    for event in await store.read(attempts_stream(group, message_id)):
+        if event.topic != ATTEMPT_FAILED_TOPIC:
+            continue
+        try:
+            attempts.append(AttemptError.from_dict(_load(event.state)))
+        except (KeyError, TypeError, ValueError) as error:
+            raise CorruptRecordError(
+                f"a recorded attempt of message {message_id} in {group!r} is not readable: {error}"
+            ) from None
+    return attempts
 
 
 def _dump(data: dict[str, Any]) -> bytes:
