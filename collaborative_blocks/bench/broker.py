@@ -1,14 +1,24 @@
 """Broker throughput, for ``cblocks bench broker`` (and anyone measuring their machine).
 
-Two cases of the issue's targets, each the median of ``rounds`` runs:
+Cases of issue 3's targets, each measured over ``rounds`` interleaved rounds:
 
-- ``in_process_at_least_once``: publish -> handle -> ack through the in-process transport,
-  every message ``AT_LEAST_ONCE`` (target >= 100,000 messages/s);
-- ``exactly_once_sqlite_inbox``: the same, ``EXACTLY_ONCE``, each handler appending one
-  event through ``ctx.append``, committed with its inbox record in a SQLite store (target >=
-  20,000 messages/s).
+- ``in-process``: publish -> handle -> ack through the in-process transport, every message
+  ``AT_LEAST_ONCE`` (target >= 100,000 messages/s);
+- ``exactly-once``: the same, ``EXACTLY_ONCE``, each handler appending one event through
+  ``ctx.append``, committed with its inbox record in a SQLite store (target >= 20,000
+  messages/s);
+- ``redis-faststream``: our broker over Redis Streams (``redis://``, AT_LEAST_ONCE, a
+  counting handler) against FastStream's Redis stream subscriber (a consumer group,
+  ``AckPolicy.MANUAL``, ``msg.ack()``) doing the same work on the same Redis (target >= 1.5x);
+- ``redis-raw``: the same run of ours against a raw redis-py asyncio loop doing the same
+  XADD (pipelined) / XREADGROUP / XACK work, the limit (target >= 0.5x).
 
-Both run with the default settings (``DISTRIBUTED_TRACING_ENABLED=true``; spans cost nothing
+The two absolute targets are reported like the ratios: their "baseline" is the target rate
+itself, so the ratio is how far above or below it the median landed. The Redis contenders
+(see :mod:`._redis_broker`) run interleaved in one loop, ours once per round, so both Redis
+ratios come from the same measurements of ours.
+
+All run with the default settings (``DISTRIBUTED_TRACING_ENABLED=true``; spans cost nothing
 until an OpenTelemetry SDK tracer provider is installed). Measuring elapsed real time is this
 module's purpose, so it reads ``time.perf_counter``; the broker itself still runs on its
 injected clock. Run it with ``python -m collaborative_blocks.bench.broker``.
@@ -18,36 +28,78 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import statistics
+import importlib.util
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from collaborative_blocks.bench import _redis_broker
+from collaborative_blocks.bench._stats import (
+    CaseResult,
+    Contender,
+    Measurement,
+    ProgressCallback,
+    interleave,
+)
 from collaborative_blocks.core.messaging.broker import MessageBroker, MessageContext
 from collaborative_blocks.core.messaging.envelope import DeliveryGuarantee, Message, MessageType
 from collaborative_blocks.core.settings import load_settings
 from collaborative_blocks.stores import NewEvent, open_store
 
-__all__ = ["BrokerBenchResult", "run_broker_bench"]
+__all__ = ["CASES", "DEFAULT_REDIS_URL", "BrokerBenchConfig", "run_broker_bench"]
 
-TARGETS = {"in_process_at_least_once": 100_000.0, "exactly_once_sqlite_inbox": 20_000.0}
+#: The name of each case, for ``--case``.
+CASES = ("in-process", "exactly-once", "redis-faststream", "redis-raw")
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379"
+
+IN_PROCESS_TARGET = 100_000.0
+EXACTLY_ONCE_TARGET = 20_000.0
+OURS = "ours"
+FASTSTREAM = "FastStream (stream group, manual ack)"
+RAW = "raw redis-py pipeline"
 
 
 @dataclass(frozen=True)
-class BrokerBenchResult:
-    case: str
-    messages: int
-    rates: tuple[float, ...]
-    target: float
+class BrokerBenchConfig:
+    """Sizes and options; :meth:`quick` gives tiny sizes for tests."""
 
-    @property
-    def median(self) -> float:
-        return statistics.median(self.rates)
+    rounds: int = 5
+    cases: tuple[str, ...] = CASES
+    redis: str = DEFAULT_REDIS_URL
+    in_process_messages: int = 100_000
+    exactly_once_messages: int = 20_000
+    redis_messages: int = 20_000
 
-    @property
-    def met(self) -> bool:
-        return self.median >= self.target
+    @classmethod
+    def quick(cls, **overrides: Any) -> BrokerBenchConfig:
+        sizes: dict[str, Any] = {
+            "rounds": 1,
+            "in_process_messages": 2_000,
+            "exactly_once_messages": 500,
+            "redis_messages": 300,
+        }
+        sizes.update(overrides)
+        return cls(**sizes)
+
+
+def planned_measurements(cfg: BrokerBenchConfig) -> int:
+    """How many measurements a run makes at most (for a progress bar)."""
+    per_round = sum(1 for case in ("in-process", "exactly-once") if case in cfg.cases)
+    redis = [case for case in ("redis-faststream", "redis-raw") if case in cfg.cases]
+    if redis:
+        per_round += 1 + len(redis)
+    return per_round * cfg.rounds
+
+
+def sequence_of_cases(value: Sequence[str]) -> tuple[str, ...]:
+    """``--case in-process --case redis-raw`` or ``--case in-process,redis-raw``."""
+    out: list[str] = []
+    for item in value:
+        out.extend(part.strip().lower() for part in item.split(",") if part.strip())
+    return tuple(out)
 
 
 async def _in_process(messages: int) -> float:
@@ -118,40 +170,121 @@ async def _exactly_once(messages: int, directory: Path) -> float:
     return messages / elapsed
 
 
+def _fixed_target(case: CaseResult, rate: float, rounds: int) -> None:
+    case.measurements[case.baseline] = Measurement(case.baseline, [rate] * rounds)
+
+
+def _fresh(contender: Contender) -> Contender:
+    async def run() -> float:
+        # Start each measurement from a clean heap: one's garbage is not the next one's cost.
+        gc.collect()
+        return await contender()
+
+    return run
+
+
+async def _exactly_once_fresh(messages: int) -> float:
+    with tempfile.TemporaryDirectory(prefix="cb-bench-") as directory:
+        return await _exactly_once(messages, Path(directory))
+
+
+async def _redis_cases(
+    cfg: BrokerBenchConfig, progress: ProgressCallback | None
+) -> list[CaseResult]:
+    title = "Redis Streams AT_LEAST_ONCE"
+    unit = "msg/s"
+    wanted: list[tuple[CaseResult, Contender]] = []
+    url, messages = cfg.redis, cfg.redis_messages
+    if "redis-faststream" in cfg.cases:
+
+        async def faststream() -> float:
+            return await _redis_broker.faststream_over_redis(url, messages)
+
+        case = CaseResult("redis-faststream", title, unit, OURS, FASTSTREAM, 1.5)
+        if importlib.util.find_spec("faststream") is None:
+            case.unavailable = "n/a: FastStream is not installed (pip install 'faststream[redis]')"
+        wanted.append((case, faststream))
+    if "redis-raw" in cfg.cases:
+
+        async def raw() -> float:
+            return await _redis_broker.raw_pipeline(url, messages)
+
+        wanted.append((CaseResult("redis-raw", title, unit, OURS, RAW, 0.5), raw))
+    if not wanted:
+        return []
+    reason = await _redis_broker.redis_unreachable(url)
+    for case, _ in wanted:
+        case.notes.append(
+            f"{messages:,} messages per measurement from {_redis_broker.PUBLISHERS} concurrent "
+            "publishers, one consumer; fresh streams per measurement"
+        )
+        if reason is not None:
+            case.unavailable = reason
+    runnable = [(case, contender) for case, contender in wanted if case.unavailable is None]
+    if not runnable:
+        return [case for case, _ in wanted]
+
+    async def ours() -> float:
+        return await _redis_broker.ours_over_redis(url, messages)
+
+    # One interleaved run for both baselines: ours is measured once per round and each
+    # ratio compares measurements taken side by side.
+    together = CaseResult("redis", title, unit, OURS, runnable[0][0].baseline, 0.0)
+    contenders: list[tuple[str, Contender]] = [(OURS, _fresh(ours))]
+    contenders += [(case.baseline, _fresh(contender)) for case, contender in runnable]
+    await interleave(together, contenders, cfg.rounds, progress)
+    for case, _ in runnable:
+        case.measurements[OURS] = together.measurements[OURS]
+        case.measurements[case.baseline] = together.measurements[case.baseline]
+    return [case for case, _ in wanted]
+
+
 async def run_broker_bench(
-    *, in_process_messages: int = 100_000, exactly_once_messages: int = 20_000, rounds: int = 3
-) -> list[BrokerBenchResult]:
-    """Run both cases ``rounds`` times (interleaved) and return their results."""
-    in_process: list[float] = []
-    exactly_once: list[float] = []
-    for _ in range(rounds):
-        # Start each case from a clean heap, so one case's garbage is not the next one's cost.
-        gc.collect()
-        in_process.append(await _in_process(in_process_messages))
-        gc.collect()
-        with tempfile.TemporaryDirectory() as directory:
-            exactly_once.append(await _exactly_once(exactly_once_messages, Path(directory)))
-    return [
-        BrokerBenchResult(
-            "in_process_at_least_once",
-            in_process_messages,
-            tuple(in_process),
-            TARGETS["in_process_at_least_once"],
-        ),
-        BrokerBenchResult(
-            "exactly_once_sqlite_inbox",
-            exactly_once_messages,
-            tuple(exactly_once),
-            TARGETS["exactly_once_sqlite_inbox"],
-        ),
-    ]
+    cfg: BrokerBenchConfig, progress: ProgressCallback | None = None
+) -> list[CaseResult]:
+    """Run the chosen cases, ``cfg.rounds`` interleaved rounds each, and return their results."""
+    results: list[CaseResult] = []
+    if "in-process" in cfg.cases:
+        case = CaseResult(
+            "in-process",
+            "in-process AT_LEAST_ONCE",
+            "msg/s",
+            OURS,
+            f"target {IN_PROCESS_TARGET:,.0f} msg/s",
+            1.0,
+        )
+        messages = cfg.in_process_messages
+
+        async def in_process() -> float:
+            return await _in_process(messages)
+
+        await interleave(case, [(OURS, _fresh(in_process))], cfg.rounds, progress)
+        _fixed_target(case, IN_PROCESS_TARGET, cfg.rounds)
+        case.notes.append(f"{messages:,} messages per measurement")
+        results.append(case)
+    if "exactly-once" in cfg.cases:
+        case = CaseResult(
+            "exactly-once",
+            "EXACTLY_ONCE through the SQLite inbox",
+            "msg/s",
+            OURS,
+            f"target {EXACTLY_ONCE_TARGET:,.0f} msg/s",
+            1.0,
+        )
+        eo_messages = cfg.exactly_once_messages
+
+        async def exactly_once() -> float:
+            return await _exactly_once_fresh(eo_messages)
+
+        await interleave(case, [(OURS, _fresh(exactly_once))], cfg.rounds, progress)
+        _fixed_target(case, EXACTLY_ONCE_TARGET, cfg.rounds)
+        case.notes.append(f"{eo_messages:,} messages per measurement, a fresh SQLite file each")
+        results.append(case)
+    results.extend(await _redis_cases(cfg, progress))
+    return results
 
 
 if __name__ == "__main__":
-    for result in asyncio.run(run_broker_bench()):
-        verdict = "met" if result.met else "NOT met"
-        print(
-            f"{result.case}: median {result.median:,.0f} msg/s over {len(result.rates)} rounds "
-            f"({', '.join(f'{r:,.0f}' for r in result.rates)}); target {result.target:,.0f}: "
-            f"{verdict}"
-        )
+    from collaborative_blocks.cli.bench import results_markdown
+
+    print(results_markdown(asyncio.run(run_broker_bench(BrokerBenchConfig()))))

@@ -224,51 +224,101 @@ def store_command(
 @app.command("broker")
 def broker_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+    markdown: Annotated[
+        bool, typer.Option("--markdown", help="Print the table as Markdown (for the docs).")
+    ] = False,
     quick: Annotated[bool, typer.Option("--quick", help="Tiny sizes, one round (tests).")] = False,
+    redis: Annotated[
+        str,
+        typer.Option(
+            "--redis",
+            metavar="URL",
+            help="The Redis server of the Redis Streams cases (reported n/a when it does not "
+            "answer); every measurement creates its own streams there and deletes them.",
+        ),
+    ] = "redis://127.0.0.1:6379",
     rounds: Annotated[
-        int | None, typer.Option(min=1, help="Rounds per case (default 3; 1 with --quick).")
+        int | None,
+        typer.Option(min=1, help="Interleaved rounds per case (default 5; 1 with --quick)."),
+    ] = None,
+    case: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--case",
+            metavar="NAME",
+            help="Only these cases: in-process, exactly-once, redis-faststream, redis-raw "
+            "(repeatable).",
+        ),
     ] = None,
 ) -> None:
-    """Broker throughput: in-process AT_LEAST_ONCE and EXACTLY_ONCE through the SQLite inbox."""
-    from collaborative_blocks.bench.broker import run_broker_bench
+    """The broker: in-process and EXACTLY_ONCE rates, Redis vs FastStream and raw redis-py."""
+    from collaborative_blocks.bench import broker as bench
+    from collaborative_blocks.errors import redact_url
 
-    sizes = {"in_process_messages": 2_000, "exactly_once_messages": 500} if quick else {}
-    chosen_rounds = rounds if rounds is not None else (1 if quick else 3)
-    results = run_async(lambda: run_broker_bench(rounds=chosen_rounds, **sizes))
+    cases = bench.sequence_of_cases(case or bench.CASES)
+    unknown = sorted(set(cases) - set(bench.CASES))
+    if unknown:
+        fail(f"unknown --case {', '.join(unknown)}; choose from {', '.join(bench.CASES)}")
+    options: dict[str, Any] = {"redis": redis, "cases": cases}
+    if rounds is not None:
+        options["rounds"] = rounds
+    cfg = bench.BrokerBenchConfig.quick(**options) if quick else bench.BrokerBenchConfig(**options)
+    command = "cblocks " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "cblocks bench broker"
+
+    async def main() -> list[CaseResult]:
+        if as_json or markdown:
+            return await bench.run_broker_bench(cfg)
+        progress = Progress(
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err_console,
+            transient=True,
+        )
+        with progress:
+            task = progress.add_task("benchmark", total=bench.planned_measurements(cfg))
+
+            def advance(key: str, name: str) -> None:
+                progress.update(task, advance=1, description=f"{key}: {name}")
+
+            return await bench.run_broker_bench(cfg, advance)
+
+    results = run_async(main)
     machine = machine_info()
     if as_json:
         print_json(
             {
                 "benchmark": "broker",
+                "command": command,
                 "machine": machine,
-                "rounds": chosen_rounds,
-                "cases": [
-                    {
-                        "case": r.case,
-                        "messages": r.messages,
-                        "rates": list(r.rates),
-                        "median": r.median,
-                        "target": r.target,
-                        "met": r.met,
-                    }
-                    for r in results
-                ],
+                "config": {
+                    "rounds": cfg.rounds,
+                    "quick": quick,
+                    "cases": list(cfg.cases),
+                    "redis": redact_url(cfg.redis),
+                    "in_process_messages": cfg.in_process_messages,
+                    "exactly_once_messages": cfg.exactly_once_messages,
+                    "redis_messages": cfg.redis_messages,
+                },
+                "cases": [c.as_json() for c in results],
             }
         )
         return
-    table = Table(
-        title=f"cblocks bench broker: medians of {chosen_rounds} round(s), "
-        f"{machine['nproc']} CPUs, Python {machine['python']}"
-    )
-    for column in ("case", "messages", "median msg/s", "rounds", "target", "met?"):
-        table.add_column(column, justify="left" if column == "case" else "right")
-    for r in results:
-        table.add_row(
-            r.case,
-            f"{r.messages:,}",
-            f"{r.median:,.0f}",
-            ", ".join(f"{rate:,.0f}" for rate in r.rates),
-            f">= {r.target:,.0f}",
-            "[green]yes[/]" if r.met else "[red]no[/]",
+    if markdown:
+        print(
+            f"`{command}`: medians of {cfg.rounds} interleaved round(s); {machine['nproc']} "
+            f"CPUs, Python {machine['python']}\n"
         )
-    console.print(table)
+        print(results_markdown(results))
+        return
+    console.print(
+        results_table(
+            f"cblocks bench broker: medians of {cfg.rounds} interleaved round(s), "
+            f"{machine['nproc']} CPUs, Python {machine['python']}",
+            results,
+        )
+    )
+    for result in results:
+        for note in result.notes:
+            console.print(f"[dim]{result.key}: {note}[/]")

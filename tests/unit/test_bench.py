@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -10,6 +11,7 @@ from typer.testing import CliRunner
 
 from collaborative_blocks.bench._stats import CaseResult, Measurement, interleave
 from collaborative_blocks.cli import app
+from collaborative_blocks.testing.services import require_redis, services_required
 
 runner = CliRunner()
 
@@ -112,12 +114,97 @@ def test_bench_store_markdown_for_the_docs() -> None:
     assert "medians of 1 interleaved round(s)" in result.stdout
 
 
-def test_bench_broker_quick_reports_both_cases_as_json() -> None:
+def test_bench_broker_quick_json_reports_every_case() -> None:
     result = runner.invoke(app, ["bench", "broker", "--quick", "--json"])
     assert result.exit_code == 0, result.output
-    payload = json.loads(result.stdout)
-    cases = {case["case"]: case for case in payload["cases"]}
-    assert set(cases) == {"in_process_at_least_once", "exactly_once_sqlite_inbox"}
-    for case in cases.values():
-        assert case["median"] > 0
-        assert case["met"] == (case["median"] >= case["target"])
+    report = json.loads(result.stdout)
+    assert report["benchmark"] == "broker"
+    assert report["config"]["rounds"] == 1
+    cases = {case["key"]: case for case in report["cases"]}
+    assert list(cases) == ["in-process", "exactly-once", "redis-faststream", "redis-raw"]
+    for key in ("in-process", "exactly-once"):
+        case = cases[key]
+        assert case["unavailable"] is None
+        assert case["measurements"]["ours"]["median"] > 0
+        assert case["met"] == (case["ratio"] >= case["target"])
+    for key in ("redis-faststream", "redis-raw"):
+        case = cases[key]
+        if case["unavailable"] is not None:
+            assert case["unavailable"].startswith("n/a:")
+            assert not services_required(), f"{key}: {case['unavailable']}"
+            continue
+        baseline = case["measurements"][case["baseline"]]
+        assert len(baseline["samples"]) == 1
+        assert baseline["median"] > 0
+        assert case["measurements"]["ours"]["median"] > 0
+        assert case["ratio"] > 0
+        assert case["met"] == (case["ratio"] >= case["target"])
+    # Both Redis ratios divide the same measurements of ours.
+    if cases["redis-raw"]["unavailable"] is None:
+        assert (
+            cases["redis-raw"]["measurements"]["ours"]
+            == cases["redis-faststream"]["measurements"]["ours"]
+        )
+
+
+def test_bench_broker_reports_redis_cases_na_when_redis_does_not_answer() -> None:
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            "broker",
+            "--quick",
+            "--json",
+            "--redis",
+            "redis://127.0.0.1:1",
+            "--case",
+            "redis-faststream,redis-raw",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    cases = json.loads(result.stdout)["cases"]
+    assert [case["key"] for case in cases] == ["redis-faststream", "redis-raw"]
+    for case in cases:
+        assert case["unavailable"].startswith("n/a: Redis not reachable")
+        assert case["ratio"] is None
+        assert case["met"] is None
+
+
+def test_bench_broker_markdown_for_the_docs() -> None:
+    result = runner.invoke(
+        app, ["bench", "broker", "--quick", "--case", "in-process", "--markdown"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "| case | ours | baseline | ratio | per round | target | met? |" in result.stdout
+    assert "in-process AT_LEAST_ONCE vs target 100,000 msg/s" in result.stdout
+
+
+def test_bench_broker_rejects_an_unknown_case() -> None:
+    result = runner.invoke(app, ["bench", "broker", "--quick", "--case", "carrier-pigeon"])
+    assert result.exit_code != 0
+    assert "carrier-pigeon" in result.output
+
+
+async def test_bench_broker_redis_contenders_delete_their_streams(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from redis.asyncio import Redis
+
+    from collaborative_blocks.bench import _redis_broker
+
+    require_redis()
+    marker = uuid.uuid4()
+    monkeypatch.setattr(_redis_broker.uuid, "uuid4", lambda: marker)
+    url = "redis://127.0.0.1:6379"
+    for contender in (
+        _redis_broker.ours_over_redis,
+        _redis_broker.faststream_over_redis,
+        _redis_broker.raw_pipeline,
+    ):
+        assert await contender(url, 50) > 0
+    client = Redis.from_url(url)
+    try:
+        left = [key async for key in client.scan_iter(match=f"cbbench:{marker.hex[:12]}*")]
+    finally:
+        await client.aclose()
+    assert left == []
