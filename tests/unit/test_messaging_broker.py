@@ -32,6 +32,7 @@ from collaborative_blocks.core.messaging.transport import Delivery
 from collaborative_blocks.errors import (
     DeadLetterNotFoundError,
     MessageRejectedError,
+    MessagingError,
     NoRouteError,
     PublishTimeoutError,
     QueryTimeoutError,
@@ -738,3 +739,72 @@ async def test_exactly_once_outbox_is_sent_even_if_sending_failed_after_commit(
     assert followers[0].causation_id == origin.id
     assert broker.store is not None
     assert len(await broker.store.read("account-3")) == 1
+
+
+class LeasedTransport(MemoryTransport):
+    """Deliveries with ``in_progress()`` (as on Redis and NATS), recording each renewal."""
+
+    def __init__(self, clock: VirtualClock) -> None:
+        super().__init__(clock=clock)
+        self.renewals: list[tuple[int, float]] = []
+
+    async def subscribe(self, subject: str, **options: Any) -> Subscription:
+        inner = await super().subscribe(subject, **options)
+        outer = self
+
+        class Leased:
+            def __init__(self, delivery: Delivery) -> None:
+                self.delivery = delivery
+                self.body = delivery.body
+                self.subject = delivery.subject
+                self.attempt = delivery.attempt
+
+            async def ack(self) -> None:
+                await self.delivery.ack()
+
+            async def nack(self, delay: float = 0.0) -> None:
+                await self.delivery.nack(delay)
+
+            async def in_progress(self) -> None:
+                outer.renewals.append((self.attempt, outer._clock.monotonic()))
+
+        class Subscribed:
+            async def fetch(self, max_messages: int) -> Sequence[Delivery]:
+                return [Leased(d) for d in await inner.fetch(max_messages)]
+
+            async def close(self) -> None:
+                await inner.close()
+
+        return Subscribed()
+
+
+async def test_lease_is_renewed_before_every_retry_where_the_transport_can(
+    clock: VirtualClock,
+) -> None:
+    transport = LeasedTransport(clock)
+    broker = MessageBroker(
+        transport=transport,
+        clock=clock,
+        settings=load_settings({}),
+        tracing=False,
+        retry=RetryPolicy(max_retries=2, base_delay=0.1),
+    )
+    tried: list[float] = []
+
+    async def flaky(message: Message) -> None:
+        tried.append(clock.monotonic())
+        if len(tried) < 3:
+            raise RuntimeError("not yet")
+
+    await broker.subscribe("job", flaky)
+    await broker.publish(event("job"))
+    await until(clock, lambda: len(tried) == 3)
+    # Once before each retry (not before the first attempt, which has a fresh lease), after
+    # the backoff: each retry starts with a full ack timeout.
+    assert [at for _, at in transport.renewals] == tried[1:]
+    await broker.close()
+
+
+def test_ack_timeout_shorter_than_the_handler_timeout_is_refused() -> None:
+    with pytest.raises(MessagingError, match="must be longer than handler_timeout"):
+        MessageBroker(settings=load_settings({}), handler_timeout=10.0, ack_timeout=5.0)

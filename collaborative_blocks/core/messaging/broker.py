@@ -714,6 +714,7 @@ class _Consumer:
                     return
                 telemetry.redelivered(self.system)
                 await clock.sleep(broker.retry.delay(attempt, broker.rng))
+                await _renew_lease(delivery)
                 attempt += 1
                 continue
             telemetry.processed(self.system, clock.monotonic() - started)
@@ -721,6 +722,21 @@ class _Consumer:
                 await delivery.ack()
             broker._receipt(message.id, self.group, ReceiptStatus.PROCESSED, attempt)
             return
+
+
+async def _renew_lease(delivery: Delivery) -> None:
+    """Restart the delivery's ack timeout before a retry, where the transport can.
+
+    Redis and NATS deliveries have ``in_progress()`` (reset the idle time, ``+WPI``); with
+    it, a consumer retrying in place keeps its delivery however many attempts it makes, so
+    its ack timeout only has to outlast one attempt and one backoff. A failed renewal is not
+    an error: at worst another consumer takes the message over, and the attempt history in
+    the store keeps the count.
+    """
+    renew = getattr(delivery, "in_progress", None)
+    if renew is not None:
+        with contextlib.suppress(Exception):
+            await renew()
 
 
 async def open_transport(
@@ -817,7 +833,16 @@ class MessageBroker:
             )
         self.handler_timeout = handler_timeout
         # A delivery must not be handed to another consumer while this one is still retrying
-        # it in place, so the ack timeout outlasts the worst case of all attempts.
+        # it in place, so the ack timeout outlasts the worst case of all attempts. (Transports
+        # whose deliveries can renew their lease, see _renew_lease, need only one attempt and
+        # one backoff; the default stays safe for those that cannot.)
+        if ack_timeout is not None and ack_timeout <= handler_timeout:
+            raise MessagingError(
+                f"ack_timeout ({ack_timeout}s) must be longer than handler_timeout "
+                f"({handler_timeout}s), or every slow but healthy handler's message is given "
+                "to a second consumer while the first still handles it; raise ack_timeout "
+                "or lower handler_timeout"
+            )
         self.ack_timeout = (
             ack_timeout
             if ack_timeout is not None
