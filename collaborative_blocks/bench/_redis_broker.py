@@ -31,6 +31,7 @@ __all__ = [
     "faststream_over_redis",
     "ours_over_redis",
     "raw_pipeline",
+    "transport_only",
     "redis_unreachable",
 ]
 
@@ -171,6 +172,52 @@ async def faststream_over_redis(url: str, messages: int) -> float:
         await broker.stop()
         with contextlib.suppress(Exception):
             await client.delete(stream)
+        await client.aclose()
+    return messages / elapsed
+
+
+async def transport_only(url: str, messages: int) -> float:
+    """Context: our Redis transport without the broker (no routing, envelope, handler, retry).
+
+    Publishes one encoded envelope's bytes as they are, like the raw loop, and acks each
+    fetched batch concurrently, as the broker's partition workers do.
+    """
+    from collaborative_blocks.core.clock import SystemClock
+    from collaborative_blocks.plugins.transports.redis import open_redis_transport
+
+    prefix = f"cbbench:{uuid.uuid4().hex[:12]}:"
+    transport = await open_redis_transport(_with_query(url, prefix=prefix), clock=SystemClock())
+    client = _client(url)
+    body = _sample_body()
+    acks: set[asyncio.Future[list[None]]] = set()
+
+    async def consume() -> None:
+        handled = 0
+        while handled < messages:
+            deliveries = await subscription.fetch(READ_COUNT)
+            handled += len(deliveries)
+            task = asyncio.ensure_future(asyncio.gather(*(d.ack() for d in deliveries)))
+            acks.add(task)
+            task.add_done_callback(acks.discard)
+
+    def publish(n: int) -> Awaitable[None]:
+        return transport.publish("bench", body)
+
+    try:
+        subscription = await transport.subscribe(
+            "bench", group=GROUP, consumer="bench-1", prefetch=1000
+        )
+        start = time.perf_counter()
+        await asyncio.wait_for(
+            asyncio.gather(_publish_all(messages, publish), consume()), STALL_TIMEOUT
+        )
+        await asyncio.gather(*acks)
+        await _drained(client, prefix + "bench")
+        elapsed = time.perf_counter() - start
+    finally:
+        await transport.close()
+        with contextlib.suppress(Exception):
+            await _delete_keys(client, prefix + "*")
         await client.aclose()
     return messages / elapsed
 

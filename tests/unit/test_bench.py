@@ -200,6 +200,7 @@ async def test_bench_broker_redis_contenders_delete_their_streams(
         _redis_broker.ours_over_redis,
         _redis_broker.faststream_over_redis,
         _redis_broker.raw_pipeline,
+        _redis_broker.transport_only,
     ):
         assert await contender(url, 50) > 0
     client = Redis.from_url(url)
