@@ -8,7 +8,9 @@ and dead-letters the message. The dead letter must list all four attempts with t
 
 from __future__ import annotations
 
+import asyncio
 import random
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -29,6 +31,7 @@ from collaborative_blocks.core.messaging.deadletters import (
     DeadLetter,
     attempts_stream,
     read_attempts,
+    record_attempt,
 )
 from collaborative_blocks.errors import CorruptRecordError
 from collaborative_blocks.plugins.transports.log import LogTransport
@@ -139,3 +142,84 @@ async def test_attempt_records_round_trip_and_corrupt_ones_say_so() -> None:
     await store.append(attempts_stream(GROUP, "m-1"), [NewEvent(ATTEMPT_FAILED_TOPIC, b"{}")])
     with pytest.raises(CorruptRecordError, match="m-1"):
         await read_attempts(store, GROUP, "m-1")
+
+
+async def crash(broker: MessageBroker) -> None:
+    """The process dies: its transport goes first, so nothing is settled or handed back."""
+    await broker.transport.close()
+    await broker.close()
+
+
+async def advance_until(clock: VirtualClock, condition: Callable[[], Awaitable[object]]) -> None:
+    for _ in range(4000):
+        if await condition():
+            return
+        await clock.advance(0.05)
+    raise AssertionError("condition never became true")
+
+
+async def test_a_crash_after_the_last_attempt_is_dead_lettered_without_running_again() -> None:
+    clock = VirtualClock()
+    store = MemoryEventStore()
+    first = make_broker(store, clock, seed=4)
+    second = make_broker(store, clock, seed=5)
+    hung = asyncio.Event()
+    calls: list[str] = []
+
+    async def hang(message: Message) -> None:
+        hung.set()
+        await asyncio.Event().wait()
+
+    async def count(message: Message) -> None:
+        calls.append(message.id)
+        raise RuntimeError("must not run")
+
+    await first.subscribe("job", hang, group=GROUP)
+    sent = await first.publish(Message(MessageType.EVENT, "job", 1, source="test"))
+    for n in range(1, 5):  # every allowed attempt failed and was recorded ...
+        failed = AttemptError(n, "RuntimeError", f"failed {n}", 0.0, "gone")
+        await record_attempt(store, GROUP, sent.id, failed)
+    await advance_until(clock, lambda: _true(hung.is_set()))
+    await crash(first)  # ... but the consumer died before it dead-lettered the message
+
+    await second.subscribe("job", count, group=GROUP)
+    await advance_until(clock, second.dead_letters().count)
+    (letter,) = await second.dead_letters().list()
+    assert calls == [], "the handler is not run a fifth time"
+    assert [e.error for e in letter.errors] == [f"failed {n}" for n in range(1, 5)]
+    assert "dead-lettered on redelivery" in letter.detail
+    assert await read_attempts(store, GROUP, sent.id) == [], "settled: the count is closed"
+    await second.close()
+
+
+async def test_a_replayed_dead_letter_starts_a_fresh_count() -> None:
+    clock = VirtualClock()
+    store = MemoryEventStore()
+    first = make_broker(store, clock, seed=6)
+    calls: list[str] = []
+
+    async def broken(message: Message, ctx: MessageContext) -> None:
+        calls.append(f"attempt {ctx.attempt}")
+        raise RuntimeError(f"failed attempt {ctx.attempt}")
+
+    await first.subscribe("job", broken, group=GROUP)
+    sent = await first.publish(Message(MessageType.EVENT, "job", 1, source="test"))
+    await advance_until(clock, first.dead_letters().count)
+    (letter,) = await first.dead_letters().list()
+    assert len(calls) == 4
+    await first.dead_letters().replay(letter.id)
+    await advance_until_recorded(store, clock, sent.id, 4 + 1 + 1)  # 4 + closed + 1 new
+    await crash(first)
+
+    second = make_broker(store, clock, seed=7)
+    await second.subscribe("job", broken, group=GROUP)
+    await advance_until(clock, second.dead_letters().count)
+    (again,) = await second.dead_letters().list()
+    # The replay got its own four attempts (one before the crash, three after it).
+    assert calls[4:] == ["attempt 1", "attempt 2", "attempt 3", "attempt 4"]
+    assert [e.attempt for e in again.errors] == [1, 2, 3, 4]
+    await second.close()
+
+
+async def _true(value: bool) -> bool:
+    return value

@@ -54,6 +54,7 @@ from collaborative_blocks.core.messaging.deadletters import (
     AttemptError,
     DeadLetterQueue,
     DeadLetterReason,
+    close_attempts,
     read_attempts,
     record_attempt,
 )
@@ -601,19 +602,52 @@ class _Consumer:
     async def _attempts(
         self, worker: _Worker, delivery: Delivery, message: Message, span: Any
     ) -> None:
+        errors: list[AttemptError] = []
+        await self._run_attempts(worker, delivery, message, span, errors)
+        store = self.broker.store
+        if errors and store is not None and message.guarantee is not DeliveryGuarantee.AT_MOST_ONCE:
+            # Settled (handled or dead-lettered) after failures: a replay or re-publish of
+            # the same message id must not inherit this count.
+            await close_attempts(store, self.group, message.id)
+
+    async def _run_attempts(
+        self,
+        worker: _Worker,
+        delivery: Delivery,
+        message: Message,
+        span: Any,
+        errors: list[AttemptError],
+    ) -> None:
         broker = self.broker
         clock = broker.clock
         telemetry = broker.telemetry
         guarantee = message.guarantee
         processor = self.spec.processor
         attempt = delivery.attempt
-        errors: list[AttemptError] = []
         # With a store, failed attempts are recorded durably, so a redelivery after a
         # consumer crash continues the count (and the error list) where the dead one was.
         history = broker.store if guarantee is not DeliveryGuarantee.AT_MOST_ONCE else None
         if history is not None and attempt > 1:
-            errors = await read_attempts(history, self.group, message.id)
-            attempt = max(attempt, len(errors) + 1)
+            errors.extend(await read_attempts(history, self.group, message.id))
+            # Counted from the record, not the transport's delivery counter, which also
+            # counts deliveries handed back unstarted (a consumer closing, a rolling restart).
+            attempt = len(errors) + 1
+            if attempt > broker.retry.max_retries + 1:
+                # Every attempt failed, and the consumer that made the last one died before
+                # it settled the message: finish its work instead of running it again.
+                await broker._dead_letter(
+                    DeadLetterReason.RETRIES_EXHAUSTED,
+                    f"{len(errors)} attempts failed; last: {errors[-1].error_type}: "
+                    f"{errors[-1].error} (dead-lettered on redelivery: the consumer that made "
+                    "the last attempt stopped before it could)",
+                    self.subject,
+                    self.group,
+                    self.system,
+                    message=message,
+                    errors=errors,
+                )
+                await delivery.ack()
+                return
         while True:
             ctx = MessageContext(broker, message, attempt, self.group, self.system)
             worker.seq += 1

@@ -39,6 +39,7 @@ from collaborative_blocks.errors import (
 from collaborative_blocks.stores.base import EventStore, NewEvent
 
 __all__ = [
+    "ATTEMPTS_CLOSED_TOPIC",
     "ATTEMPT_FAILED_TOPIC",
     "DEAD_LETTER_STREAM",
     "AttemptError",
@@ -46,6 +47,7 @@ __all__ = [
     "DeadLetterQueue",
     "DeadLetterReason",
     "attempts_stream",
+    "close_attempts",
     "read_attempts",
     "record_attempt",
 ]
@@ -57,6 +59,9 @@ _REPLAYED = "collaborative_blocks.messaging:DeadLetterReplayed"
 _PURGED = "collaborative_blocks.messaging:DeadLetterPurged"
 #: Topic of the events that record one failed attempt (see :func:`attempts_stream`).
 ATTEMPT_FAILED_TOPIC = "collaborative_blocks.messaging:AttemptFailed"
+#: Marks the message settled (handled or dead-lettered): a later delivery (a replay, a
+#: re-publish) starts a fresh count.
+ATTEMPTS_CLOSED_TOPIC = "collaborative_blocks.messaging:AttemptsClosed"
 
 
 def attempts_stream(group: str, message_id: str) -> str:
@@ -325,10 +330,19 @@ async def record_attempt(
     )
 
 
+async def close_attempts(store: EventStore, group: str, message_id: str) -> None:
+    """Mark the recorded attempts as settled: :func:`read_attempts` starts afresh after it."""
+    await store.append(attempts_stream(group, message_id), [NewEvent(ATTEMPTS_CLOSED_TOPIC, b"{}")])
+
+
 async def read_attempts(store: EventStore, group: str, message_id: str) -> list[AttemptError]:
-    """Every failed attempt recorded for ``message_id`` in ``group``, oldest first."""
-    attempts = []
+    """The failed attempts recorded for ``message_id`` in ``group`` since it was last
+    settled (see :func:`close_attempts`), oldest first."""
+    attempts: list[AttemptError] = []
     for event in await store.read(attempts_stream(group, message_id)):
+        if event.topic == ATTEMPTS_CLOSED_TOPIC:
+            attempts.clear()
+            continue
         if event.topic != ATTEMPT_FAILED_TOPIC:
             continue
         try:
