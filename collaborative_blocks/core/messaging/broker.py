@@ -602,28 +602,13 @@ class _Consumer:
     async def _attempts(
         self, worker: _Worker, delivery: Delivery, message: Message, span: Any
     ) -> None:
-        errors: list[AttemptError] = []
-        await self._run_attempts(worker, delivery, message, span, errors)
-        store = self.broker.store
-        if errors and store is not None and message.guarantee is not DeliveryGuarantee.AT_MOST_ONCE:
-            # Settled (handled or dead-lettered) after failures: a replay or re-publish of
-            # the same message id must not inherit this count.
-            await close_attempts(store, self.group, message.id)
-
-    async def _run_attempts(
-        self,
-        worker: _Worker,
-        delivery: Delivery,
-        message: Message,
-        span: Any,
-        errors: list[AttemptError],
-    ) -> None:
         broker = self.broker
         clock = broker.clock
         telemetry = broker.telemetry
         guarantee = message.guarantee
         processor = self.spec.processor
         attempt = delivery.attempt
+        errors: list[AttemptError] = []
         # With a store, failed attempts are recorded durably, so a redelivery after a
         # consumer crash continues the count (and the error list) where the dead one was.
         history = broker.store if guarantee is not DeliveryGuarantee.AT_MOST_ONCE else None
@@ -647,6 +632,7 @@ class _Consumer:
                     errors=errors,
                 )
                 await delivery.ack()
+                await close_attempts(history, self.group, message.id)
                 return
         while True:
             ctx = MessageContext(broker, message, attempt, self.group, self.system)
@@ -687,6 +673,8 @@ class _Consumer:
                 if guarantee is not DeliveryGuarantee.AT_MOST_ONCE:
                     await self._resend_outbox(message)
                     await delivery.ack()
+                    if errors and history is not None:
+                        await close_attempts(history, self.group, message.id)
                 broker._receipt(message.id, self.group, ReceiptStatus.DUPLICATE, attempt)
                 return
             except PermanentFailure as failure:
@@ -712,6 +700,8 @@ class _Consumer:
                 )
                 if guarantee is not DeliveryGuarantee.AT_MOST_ONCE:
                     await delivery.ack()
+                    if errors and history is not None:
+                        await close_attempts(history, self.group, message.id)
                 return
             except Exception as error:
                 telemetry.failed(self.system)
@@ -745,6 +735,9 @@ class _Consumer:
                         errors=errors,
                     )
                     await delivery.ack()
+                    if history is not None:
+                        # Settled: a replay of the same message id starts a fresh count.
+                        await close_attempts(history, self.group, message.id)
                     return
                 telemetry.redelivered(self.system)
                 await clock.sleep(broker.retry.delay(attempt, broker.rng))
@@ -754,6 +747,8 @@ class _Consumer:
             telemetry.processed(self.system, clock.monotonic() - started)
             if guarantee is not DeliveryGuarantee.AT_MOST_ONCE:
                 await delivery.ack()
+                if errors and history is not None:
+                    await close_attempts(history, self.group, message.id)
             broker._receipt(message.id, self.group, ReceiptStatus.PROCESSED, attempt)
             return
 
