@@ -27,6 +27,7 @@ from collaborative_blocks.core.messaging import (
 from collaborative_blocks.core.messaging.broker import EVENTS_SUBJECT
 from collaborative_blocks.core.messaging.deadletters import (
     ATTEMPT_FAILED_TOPIC,
+    ATTEMPTS_CLOSED_TOPIC,
     AttemptError,
     DeadLetter,
     attempts_stream,
@@ -227,3 +228,71 @@ async def test_a_replayed_dead_letter_starts_a_fresh_count() -> None:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_a_message_that_kills_every_consumer_runs_out_of_attempts() -> None:
+    clock = VirtualClock()
+    store = MemoryEventStore()
+    runs: list[str] = []
+    sent: Message | None = None
+    for seed in range(10, 20):
+        broker = make_broker(store, clock, seed=seed)
+        entered = asyncio.Event()
+
+        async def poison(message: Message, *, entered: asyncio.Event = entered) -> None:
+            runs.append(message.id)
+            entered.set()
+            await asyncio.Event().wait()  # the process dies in here
+
+        await broker.subscribe("job", poison, group=GROUP)
+        if sent is None:
+            sent = await broker.publish(Message(MessageType.EVENT, "job", 1, source="test"))
+
+        async def settled(broker: MessageBroker = broker, entered: asyncio.Event = entered) -> bool:
+            return entered.is_set() or await broker.dead_letters().count() > 0
+
+        await advance_until(clock, settled)
+        if not entered.is_set():
+            break
+        await crash(broker)
+    assert sent is not None
+    (letter,) = await broker.dead_letters().list()
+    await broker.close()
+    # The first delivery is not marked (it costs no write), so it is not counted: 1 + 4 runs.
+    assert runs == [sent.id] * 5
+    assert [(e.attempt, e.error_type) for e in letter.errors] == [
+        (n, "ConsumerLost") for n in range(1, 5)
+    ]
+    assert letter.reason is DeadLetterReason.RETRIES_EXHAUSTED
+
+
+async def test_a_redelivery_that_succeeds_leaves_no_open_attempt() -> None:
+    clock = VirtualClock()
+    store = MemoryEventStore()
+    first = make_broker(store, clock, seed=30)
+    second = make_broker(store, clock, seed=31)
+    hung = asyncio.Event()
+    handled: list[str] = []
+
+    async def hang(message: Message) -> None:
+        hung.set()
+        await asyncio.Event().wait()
+
+    async def fine(message: Message) -> None:
+        handled.append(message.id)
+
+    await first.subscribe("job", hang, group=GROUP)
+    sent = await first.publish(Message(MessageType.EVENT, "job", 1, source="test"))
+    await advance_until(clock, lambda: _true(hung.is_set()))
+    await crash(first)
+    await second.subscribe("job", fine, group=GROUP)
+
+    async def closed() -> bool:
+        events = await store.read(attempts_stream(GROUP, sent.id))
+        return bool(handled) and bool(events) and events[-1].topic == ATTEMPTS_CLOSED_TOPIC
+
+    await advance_until(clock, closed)
+    assert handled == [sent.id]
+    # A replay or re-publish of this id will not count the crashed attempt against itself.
+    assert await read_attempts(store, GROUP, sent.id) == []
+    await second.close()

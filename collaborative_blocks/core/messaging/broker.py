@@ -57,6 +57,7 @@ from collaborative_blocks.core.messaging.deadletters import (
     close_attempts,
     read_attempts,
     record_attempt,
+    record_attempt_started,
 )
 from collaborative_blocks.core.messaging.envelope import (
     DeliveryGuarantee,
@@ -609,6 +610,9 @@ class _Consumer:
         processor = self.spec.processor
         attempt = delivery.attempt
         errors: list[AttemptError] = []
+        # Whether this message has an open record in the attempts stream, to close when
+        # it is settled.
+        recorded = False
         # With a store, failed attempts are recorded durably, so a redelivery after a
         # consumer crash continues the count (and the error list) where the dead one was.
         history = broker.store if guarantee is not DeliveryGuarantee.AT_MOST_ONCE else None
@@ -618,13 +622,14 @@ class _Consumer:
             # counts deliveries handed back unstarted (a consumer closing, a rolling restart).
             attempt = len(errors) + 1
             if attempt > broker.retry.max_retries + 1:
-                # Every attempt failed, and the consumer that made the last one died before
-                # it settled the message: finish its work instead of running it again.
+                # Every attempt failed or was lost with its consumer (a message that kills
+                # its process), and nobody dead-lettered it: do that instead of running it
+                # again.
                 await broker._dead_letter(
                     DeadLetterReason.RETRIES_EXHAUSTED,
                     f"{len(errors)} attempts failed; last: {errors[-1].error_type}: "
-                    f"{errors[-1].error} (dead-lettered on redelivery: the consumer that made "
-                    "the last attempt stopped before it could)",
+                    f"{errors[-1].error} (dead-lettered on redelivery, without running the "
+                    "handler again)",
                     self.subject,
                     self.group,
                     self.system,
@@ -634,6 +639,12 @@ class _Consumer:
                 await delivery.ack()
                 await close_attempts(history, self.group, message.id)
                 return
+            # Only redeliveries are marked (the first delivery costs no write): a message
+            # that kills its consumer is then dead-lettered after max_retries + 2 deliveries.
+            await record_attempt_started(
+                history, self.group, message.id, attempt, clock.now(), broker.consumer_name
+            )
+            recorded = True
         while True:
             ctx = MessageContext(broker, message, attempt, self.group, self.system)
             worker.seq += 1
@@ -673,7 +684,7 @@ class _Consumer:
                 if guarantee is not DeliveryGuarantee.AT_MOST_ONCE:
                     await self._resend_outbox(message)
                     await delivery.ack()
-                    if errors and history is not None:
+                    if recorded and history is not None:
                         await close_attempts(history, self.group, message.id)
                 broker._receipt(message.id, self.group, ReceiptStatus.DUPLICATE, attempt)
                 return
@@ -700,7 +711,7 @@ class _Consumer:
                 )
                 if guarantee is not DeliveryGuarantee.AT_MOST_ONCE:
                     await delivery.ack()
-                    if errors and history is not None:
+                    if recorded and history is not None:
                         await close_attempts(history, self.group, message.id)
                 return
             except Exception as error:
@@ -712,6 +723,7 @@ class _Consumer:
                 errors.append(failed)
                 if history is not None:
                     await record_attempt(history, self.group, message.id, failed)
+                    recorded = True
                 if guarantee is DeliveryGuarantee.AT_MOST_ONCE:
                     await broker._dead_letter(
                         DeadLetterReason.HANDLER_FAILED,
@@ -747,7 +759,7 @@ class _Consumer:
             telemetry.processed(self.system, clock.monotonic() - started)
             if guarantee is not DeliveryGuarantee.AT_MOST_ONCE:
                 await delivery.ack()
-                if errors and history is not None:
+                if recorded and history is not None:
                     await close_attempts(history, self.group, message.id)
             broker._receipt(message.id, self.group, ReceiptStatus.PROCESSED, attempt)
             return

@@ -41,6 +41,8 @@ from collaborative_blocks.stores.base import EventStore, NewEvent
 __all__ = [
     "ATTEMPTS_CLOSED_TOPIC",
     "ATTEMPT_FAILED_TOPIC",
+    "ATTEMPT_STARTED_TOPIC",
+    "CONSUMER_LOST",
     "DEAD_LETTER_STREAM",
     "AttemptError",
     "DeadLetter",
@@ -50,6 +52,7 @@ __all__ = [
     "close_attempts",
     "read_attempts",
     "record_attempt",
+    "record_attempt_started",
 ]
 
 #: The stream that holds the durable dead-letter queue.
@@ -59,6 +62,10 @@ _REPLAYED = "collaborative_blocks.messaging:DeadLetterReplayed"
 _PURGED = "collaborative_blocks.messaging:DeadLetterPurged"
 #: Topic of the events that record one failed attempt (see :func:`attempts_stream`).
 ATTEMPT_FAILED_TOPIC = "collaborative_blocks.messaging:AttemptFailed"
+#: A redelivered message's first attempt is about to run (see :func:`read_attempts`).
+ATTEMPT_STARTED_TOPIC = "collaborative_blocks.messaging:AttemptStarted"
+#: ``AttemptError.error_type`` of an attempt whose consumer stopped before it ended.
+CONSUMER_LOST = "ConsumerLost"
 #: Marks the message settled (handled or dead-lettered): a later delivery (a replay, a
 #: re-publish) starts a fresh count.
 ATTEMPTS_CLOSED_TOPIC = "collaborative_blocks.messaging:AttemptsClosed"
@@ -335,22 +342,64 @@ async def close_attempts(store: EventStore, group: str, message_id: str) -> None
     await store.append(attempts_stream(group, message_id), [NewEvent(ATTEMPTS_CLOSED_TOPIC, b"{}")])
 
 
+async def record_attempt_started(
+    store: EventStore, group: str, message_id: str, attempt: int, at: float, consumer: str
+) -> None:
+    """Record that ``attempt`` starts now: if it never ends, the next reader counts it lost."""
+    await store.append(
+        attempts_stream(group, message_id),
+        [
+            NewEvent(
+                ATTEMPT_STARTED_TOPIC,
+                _dump({"attempt": attempt, "at": at, "consumer": consumer}),
+            )
+        ],
+    )
+
+
 async def read_attempts(store: EventStore, group: str, message_id: str) -> list[AttemptError]:
     """The failed attempts recorded for ``message_id`` in ``group`` since it was last
-    settled (see :func:`close_attempts`), oldest first."""
+    settled (see :func:`close_attempts`), oldest first.
+
+    A started attempt (:func:`record_attempt_started`) that recorded no failure before the
+    next start, or before this read, was lost with its consumer: it is listed as a
+    :data:`CONSUMER_LOST` error, so a message that kills every process handling it still
+    runs out of attempts.
+    """
     attempts: list[AttemptError] = []
-    for event in await store.read(attempts_stream(group, message_id)):
-        if event.topic == ATTEMPTS_CLOSED_TOPIC:
-            attempts.clear()
-            continue
-        if event.topic != ATTEMPT_FAILED_TOPIC:
-            continue
-        try:
-            attempts.append(AttemptError.from_dict(_load(event.state)))
-        except (KeyError, TypeError, ValueError) as error:
-            raise CorruptRecordError(
-                f"a recorded attempt of message {message_id} in {group!r} is not readable: {error}"
-            ) from None
+    started: dict[str, Any] | None = None
+
+    def lose(start: dict[str, Any]) -> None:
+        attempts.append(
+            AttemptError(
+                int(start["attempt"]),
+                CONSUMER_LOST,
+                "the consumer stopped during this attempt (its process died, or it hung "
+                "past the ack timeout)",
+                float(start["at"]),
+                str(start.get("consumer", "")),
+            )
+        )
+
+    try:
+        for event in await store.read(attempts_stream(group, message_id)):
+            topic = event.topic
+            if topic == ATTEMPTS_CLOSED_TOPIC:
+                attempts.clear()
+                started = None
+            elif topic == ATTEMPT_STARTED_TOPIC:
+                if started is not None:
+                    lose(started)
+                started = _load(event.state)
+            elif topic == ATTEMPT_FAILED_TOPIC:
+                attempts.append(AttemptError.from_dict(_load(event.state)))
+                started = None
+        if started is not None:
+            lose(started)
+    except (KeyError, TypeError, ValueError) as error:
+        raise CorruptRecordError(
+            f"a recorded attempt of message {message_id} in {group!r} is not readable: {error}"
+        ) from None
     return attempts
 
 
