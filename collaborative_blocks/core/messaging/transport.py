@@ -18,6 +18,9 @@ remembers who has acknowledged what. Its contract, checked for every transport b
   delivery neither acked nor nacked within ``ack_timeout`` seconds (its consumer died or
   hung) is delivered again to another consumer of the group. ``attempt`` counts deliveries
   of the same message to the group: 1 the first time.
+- A delivery may also have ``async in_progress()``: restart its ack timeout (Redis and NATS
+  deliveries have it). It is optional; the broker calls it, where present, before each
+  in-place retry, so a consumer that is still retrying keeps its delivery.
 - ``prefetch`` bounds how many unsettled deliveries one consumer holds; that bound is what
   lets competing consumers share the work and what turns a slow consumer into
   backpressure.
