@@ -33,6 +33,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -197,24 +198,13 @@ async def _redis_cases(
     wanted: list[tuple[CaseResult, Contender]] = []
     url, messages = cfg.redis, cfg.redis_messages
     if "redis-faststream" in cfg.cases:
-
-        async def faststream() -> float:
-            return await _redis_broker.faststream_over_redis(url, messages)
-
         case = CaseResult("redis-faststream", title, unit, OURS, FASTSTREAM, 1.5)
         if importlib.util.find_spec("faststream") is None:
             case.unavailable = "n/a: FastStream is not installed (pip install 'faststream[redis]')"
-        wanted.append((case, faststream))
+        wanted.append((case, partial(_redis_broker.faststream_over_redis, url, messages)))
     if "redis-raw" in cfg.cases:
-
-        async def raw() -> float:
-            return await _redis_broker.raw_pipeline(url, messages)
-
-        wanted.append((CaseResult("redis-raw", title, unit, OURS, RAW, 0.5), raw))
-
-        async def transport() -> float:
-            return await _redis_broker.transport_only(url, messages)
-
+        case = CaseResult("redis-raw", title, unit, OURS, RAW, 0.5)
+        wanted.append((case, partial(_redis_broker.raw_pipeline, url, messages)))
     if not wanted:
         return []
     reason = await _redis_broker.redis_unreachable(url)
@@ -229,16 +219,15 @@ async def _redis_cases(
     if not runnable:
         return [case for case, _ in wanted]
 
-    async def ours() -> float:
-        return await _redis_broker.ours_over_redis(url, messages)
-
     # One interleaved run for both baselines: ours is measured once per round and each
     # ratio compares measurements taken side by side.
     together = CaseResult("redis", title, unit, OURS, runnable[0][0].baseline, 0.0)
+    ours = partial(_redis_broker.ours_over_redis, url, messages)
     contenders: list[tuple[str, Contender]] = [(OURS, _fresh(ours))]
     contenders += [(case.baseline, _fresh(contender)) for case, contender in runnable]
     if any(case.key == "redis-raw" for case, _ in runnable):
         # Splits our distance from the limit into the transport's share and the broker's.
+        transport = partial(_redis_broker.transport_only, url, messages)
         contenders.append((TRANSPORT_ONLY, _fresh(transport)))
     await interleave(together, contenders, cfg.rounds, progress)
     for case, _ in runnable:
