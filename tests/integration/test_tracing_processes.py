@@ -1,17 +1,19 @@
-"""command -> event -> query across three systems in three processes over Redis is one trace.
+"""command -> event -> query across three systems in three processes is one trace.
 
-Three worker processes, one system each, share a Redis Streams transport (a unique key prefix
-per test). ``alpha`` sends the command ``reserve`` to ``beta``; beta's handler publishes the
-event ``reserved``; ``gamma`` handles it by asking ``alpha`` the query ``stock`` and printing
-the answer. Every process has its own OpenTelemetry SDK tracer provider, given to its broker
-explicitly (no global provider), exporting finished spans as JSON lines to a file. The test
-collects the spans of all three processes and checks that they form one trace whose
-PRODUCER -> CONSUMER parent links cross every hop. Run as a script, this file is the worker.
+Three worker processes, one system each, share a networked transport (Redis Streams, then
+NATS JetStream; streams of their own per test). ``alpha`` sends the command ``reserve`` to
+``beta``; beta's handler publishes the event ``reserved``; ``gamma`` handles it by asking
+``alpha`` the query ``stock`` and printing the answer. Every process has its own
+OpenTelemetry SDK tracer provider, given to its broker explicitly (no global provider),
+exporting finished spans as JSON lines to a file. The test collects the spans of all three
+processes and checks that they form one trace whose PRODUCER -> CONSUMER parent links cross
+every hop. Run as a script, this file is the worker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -28,7 +30,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, Sp
 from collaborative_blocks import load_settings
 from collaborative_blocks.core.clock import SystemClock
 from collaborative_blocks.core.messaging import Message, MessageBroker, SystemConnector
-from collaborative_blocks.testing.services import require_redis
+from collaborative_blocks.testing.services import require_nats, require_redis
 
 SYSTEMS = ("alpha", "beta", "gamma")
 
@@ -121,8 +123,7 @@ class Worker:
         await self.process.stdin.drain()
 
 
-@pytest.fixture
-async def redis_url() -> AsyncIterator[str]:
+async def _redis_url() -> AsyncIterator[str]:
     require_redis()
     from redis.asyncio import Redis
 
@@ -137,8 +138,30 @@ async def redis_url() -> AsyncIterator[str]:
         await client.aclose()
 
 
+async def _nats_url() -> AsyncIterator[str]:
+    require_nats()
+    import nats
+
+    tag = uuid.uuid4().hex[:10]
+    yield f"nats://127.0.0.1:4222?stream=CBTRACE_{tag}&prefix=cbtrace{tag}"
+    nc = await nats.connect("nats://127.0.0.1:4222")
+    try:
+        await nc.jetstream().delete_stream(f"CBTRACE_{tag}")
+    finally:
+        await nc.close()
+
+
+@pytest.fixture(params=["redis", "nats"])
+async def broker_url(request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    """A networked transport URL with streams of its own, removed afterwards."""
+    urls = _redis_url() if request.param == "redis" else _nats_url()
+    yield await anext(urls)
+    with contextlib.suppress(StopAsyncIteration):
+        await anext(urls)
+
+
 async def test_command_event_query_across_three_processes_is_one_trace(
-    redis_url: str, tmp_path: Path
+    broker_url: str, tmp_path: Path
 ) -> None:
     spans_path = tmp_path / "spans.jsonl"
     workers: dict[str, Worker] = {}
@@ -148,7 +171,7 @@ async def test_command_event_query_across_three_processes_is_one_trace(
                 sys.executable,
                 __file__,
                 system,
-                redis_url,
+                broker_url,
                 str(spans_path),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
