@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pytest
 from opentelemetry import trace
@@ -17,12 +18,18 @@ from opentelemetry.trace import SpanKind
 from collaborative_blocks import load_settings
 from collaborative_blocks.core.clock import VirtualClock
 from collaborative_blocks.core.messaging import (
+    DeliveryGuarantee,
     Message,
     MessageBroker,
+    MessageContext,
     MessageType,
     RetryPolicy,
+    Subscription,
     SystemConnector,
 )
+from collaborative_blocks.core.messaging.transport import Delivery
+from collaborative_blocks.plugins.transports.memory import MemoryTransport
+from collaborative_blocks.stores.memory import MemoryEventStore
 
 
 async def until(clock: VirtualClock, condition: Callable[[], bool]) -> None:
@@ -138,10 +145,9 @@ async def test_failed_processing_marks_the_span_and_counts(clock: VirtualClock) 
             for metric in scope.metrics:
                 for point in metric.data.data_points:
                     system = str((point.attributes or {}).get("system", ""))
-                    value = getattr(point, "value", None)
-                    if value is None:
-                        value = getattr(point, "count", 0)
-                    values.setdefault(metric.name, {})[system] = float(value)
+                    # Counters and gauges have a value, histograms a count.
+                    value = getattr(point, "value", None) or getattr(point, "count", 0)
+                    values.setdefault(metric.name, {})[system] = float(value or 0)
     assert values["cb.messaging.sent"]["shop"] == 2
     # Each event reaches both subscriptions; the one that does not match acks it unhandled.
     assert values["cb.messaging.processed"]["worker"] == 1
@@ -204,4 +210,91 @@ async def test_reply_spans_are_named_after_the_subject_template(clock: VirtualCl
         assert span.attributes is not None
         assert span.attributes["messaging.destination.name"] == f"cb.replies.{asker.address}"
         assert span.attributes["messaging.destination.temporary"] is True
+    await broker.close()
+
+
+class RedeliveringTransport(MemoryTransport):
+    """Reports every delivery of a message id seen before as a redelivery (attempt 2)."""
+
+    def __init__(self, clock: VirtualClock) -> None:
+        super().__init__(clock=clock)
+        self.seen: set[tuple[str, str]] = set()
+
+    async def subscribe(self, subject: str, **options: Any) -> Subscription:
+        inner = await super().subscribe(subject, **options)
+        outer = self
+        group = str(options["group"])
+
+        class Again:
+            def __init__(self, delivery: Delivery) -> None:
+                self.delivery = delivery
+                self.body = delivery.body
+                self.subject = delivery.subject
+                key = (group, delivery.body.id if isinstance(delivery.body, Message) else "")
+                self.attempt = 2 if key in outer.seen else 1
+                outer.seen.add(key)
+
+            async def ack(self) -> None:
+                await self.delivery.ack()
+
+            async def nack(self, delay: float = 0.0) -> None:
+                await self.delivery.nack(delay)
+
+        class Subscribed:
+            async def fetch(self, max_messages: int) -> Sequence[Delivery]:
+                return [Again(d) for d in await inner.fetch(max_messages)]
+
+            async def close(self) -> None:
+                await inner.close()
+
+        return Subscribed()
+
+
+async def test_outbox_resent_for_a_redelivered_duplicate_stays_in_the_trace(
+    clock: VirtualClock,
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    broker = MessageBroker(
+        transport=RedeliveringTransport(clock),
+        store=MemoryEventStore(),
+        clock=clock,
+        settings=load_settings({}),
+        tracer_provider=provider,
+    )
+    followed: list[Message] = []
+
+    async def deposit(message: Message, ctx: MessageContext) -> None:
+        ctx.publish(Message(MessageType.EVENT, "deposited", {}))
+
+    async def follow(message: Message) -> None:
+        followed.append(message)
+
+    await broker.subscribe("deposit", deposit, group="ledger")
+    await broker.subscribe("deposited", follow, group="mailer")
+    exactly_once = DeliveryGuarantee.EXACTLY_ONCE
+    sent = await broker.publish(
+        Message(MessageType.EVENT, "deposit", source="bank", guarantee=exactly_once)
+    )
+    await until(clock, lambda: len(followed) == 1)
+    exporter.clear()
+    await broker.publish(sent)  # delivered again as attempt 2: the inbox has it
+    await until(clock, lambda: len(followed) == 2)
+    await until(clock, lambda: len(exporter.get_finished_spans()) >= 3)
+    spans = exporter.get_finished_spans()
+    by_id = {span.context.span_id: span for span in spans}
+    (resend,) = [
+        s
+        for s in spans
+        if s.kind is SpanKind.PRODUCER
+        and s.attributes is not None
+        and s.attributes["cb.message.name"] == "deposited"
+    ]
+    assert resend.parent is not None, "the resend is not a new trace"
+    parent = by_id[resend.parent.span_id]
+    assert (parent.name, parent.kind) == ("process cb.events", SpanKind.CONSUMER)
+    assert parent.attributes is not None
+    assert parent.attributes["messaging.message.id"] == sent.id
+    assert parent.attributes["messaging.consumer.group.name"] == "ledger"
     await broker.close()

@@ -549,7 +549,13 @@ class _Consumer:
                 await delivery.ack()
                 return
             if delivery.attempt > 1 and await store.has_processed(self.group, message.id):
-                await self._resend_outbox(message)
+                telemetry = broker.telemetry
+                if telemetry.tracing():
+                    # What it resends belongs to the trace of the message that caused it.
+                    with telemetry.process(message, self.subject, self.group):
+                        await self._resend_outbox(message)
+                else:
+                    await self._resend_outbox(message)
                 await delivery.ack()
                 broker._receipt(message.id, self.group, ReceiptStatus.DUPLICATE, delivery.attempt)
                 return
