@@ -381,6 +381,22 @@ class _Consumer:
         self.subscription: Subscription | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self.watch = asyncio.Event()
+        self.limit = max(1, broker.max_in_flight)
+        self.batch = min(self.limit, 256)
+        # Deliveries handed to the workers and not yet finished, and how many of those still
+        # wait in a queue. The fetch loop reads again only when a batch's worth of them is
+        # free, or when the queues ran dry: reading as soon as one ack frees one slot turns a
+        # consumer at its limit into one round trip per handful of messages.
+        self.in_flight = 0
+        self.queued = 0
+        self.room = asyncio.Event()
+        # Where an ack is a round trip (a networked transport), a worker that waited for it
+        # before taking its next message would cap every XACK at one id per worker; so the
+        # success path's ack is sent in the background there, and the transport coalesces
+        # the ones in flight. That is safe exactly where an unconfirmed ack is harmless: a
+        # transport that redelivers a crashed consumer's unacknowledged deliveries.
+        self.ack_behind = broker.transport.capabilities.survives_consumer_crash
+        self.acks: set[asyncio.Future[None]] = set()
 
     async def start(self) -> None:
         broker = self.broker
@@ -407,6 +423,11 @@ class _Consumer:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self.tasks.clear()
+        # Acks of handled messages go out before leaving the group, or closing would
+        # redeliver what was already done.
+        for ack in list(self.acks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await ack
         if self.subscription is not None:
             with contextlib.suppress(Exception):
                 await self.subscription.close()
@@ -416,11 +437,20 @@ class _Consumer:
         subscription = self.subscription
         workers = self.workers
         count = len(workers)
-        batch = max(1, min(self.broker.max_in_flight, 256))
+        limit = self.limit
+        batch = self.batch
+        room = self.room
         failures = 0
         while True:
+            free = limit - self.in_flight
+            if free < batch and (free <= 0 or self.queued > 0):
+                # The workers have enough to do; wait for a batch's worth of room (or for
+                # them to run dry) instead of reading a few entries after every ack.
+                room.clear()
+                await room.wait()
+                continue
             try:
-                deliveries = await subscription.fetch(batch)
+                deliveries = await subscription.fetch(min(batch, free))
             except asyncio.CancelledError:
                 raise
             except Exception as error:
@@ -457,7 +487,22 @@ class _Consumer:
                 else:
                     worker = workers[zlib.crc32(message.ordering_key.encode()) % count]
                 worker.queue.append((delivery, message))
+                self.in_flight += 1
+                self.queued += 1
                 worker.wake.set()
+
+    def _ack_behind(self, delivery: Delivery) -> None:
+        """Acknowledge ``delivery`` without waiting for the transport to confirm it."""
+        ack = asyncio.ensure_future(delivery.ack())
+        self.acks.add(ack)
+        ack.add_done_callback(self._acked)
+
+    def _acked(self, ack: asyncio.Future[None]) -> None:
+        self.acks.discard(ack)
+        if not ack.cancelled() and ack.exception() is not None:
+            # Still pending in the transport: it is redelivered after the ack timeout, and
+            # the handler's effects (or, for EXACTLY_ONCE, the inbox) make that harmless.
+            log.warning("consumer %s could not acknowledge: %s", self.group, ack.exception())
 
     async def _reject(self, delivery: Delivery, raw: bytes, error: MessageRejectedError) -> None:
         await self.broker._dead_letter(
@@ -479,6 +524,7 @@ class _Consumer:
                 await wake.wait()
                 continue
             delivery, message = queue.popleft()
+            self.queued -= 1
             try:
                 await self._handle(worker, delivery, message)
             except asyncio.CancelledError:
@@ -489,6 +535,10 @@ class _Consumer:
                 log.exception("consumer %s failed to settle message %s", self.group, message.id)
                 with contextlib.suppress(Exception):
                     await delivery.nack(self.broker.retry.base_delay)
+            finally:
+                self.in_flight -= 1
+                if self.queued == 0 or self.limit - self.in_flight >= self.batch:
+                    self.room.set()
 
     async def _watchdog(self) -> None:
         clock = self.broker.clock
@@ -764,9 +814,13 @@ class _Consumer:
                 continue
             telemetry.processed(self.system, clock.monotonic() - started)
             if guarantee is not DeliveryGuarantee.AT_MOST_ONCE:
-                await delivery.ack()
                 if recorded and history is not None:
+                    await delivery.ack()
                     await close_attempts(history, self.group, message.id)
+                elif self.ack_behind:
+                    self._ack_behind(delivery)
+                else:
+                    await delivery.ack()
             broker._receipt(message.id, self.group, ReceiptStatus.PROCESSED, attempt)
             return
 

@@ -242,7 +242,7 @@ class RedisDelivery:
             return
         self._settled = True
         subscription = self._subscription
-        subscription._release()
+        subscription._release(self.entry_id)
         key, group, entry = subscription.key, subscription.group, self.entry_id
         await subscription.transport._pipeliner.ack(key, group, entry)
 
@@ -251,7 +251,7 @@ class RedisDelivery:
             return
         self._settled = True
         subscription = self._subscription
-        subscription._release()
+        subscription._release(self.entry_id)
         await subscription._give_back(self.entry_id, max(delay, 0.0))
 
     async def in_progress(self) -> None:
@@ -313,7 +313,10 @@ class _RedisSubscription:
                 del held[entry_id]
         return self.prefetch - len(held)
 
-    def _release(self) -> None:
+    def _release(self, entry_id: bytes) -> None:
+        # Settled deliveries leave the held set here, one at a time, so a fetch never has
+        # to scan every held delivery for the settled ones.
+        self._held.pop(entry_id, None)
         self._wake.set()
 
     def _track(self, delivery: RedisDelivery, deadline: float) -> None:
@@ -339,8 +342,6 @@ class _RedisSubscription:
             if self._closed or transport._closed:
                 return []
             now = clock.monotonic()
-            for entry_id in [i for i, (d, _) in self._held.items() if d._settled]:
-                del self._held[entry_id]
             room = min(max_messages, self._room(now))
             if room <= 0:
                 self._wake.clear()
