@@ -251,3 +251,164 @@ class PublishTimeoutError(MessagingError, TimeoutError):
 def redact_url(url: str) -> str:
     """``url`` with its password hidden, for error messages and logs (plugins use this)."""
     return _redact(url)
+
+
+# -- sync: event streams and the real-time sync engine ----------------------------------------
+
+
+class SyncError(CollaborativeBlocksError):
+    """Base class of EventStream and RealTimeSyncEngine errors."""
+
+
+class SyncSerializationError(SyncError, TypeError):
+    """A sync event or change could not be encoded as JSON; nothing was written.
+
+    Give plain data (dicts, lists, str, int, float, bool, None, or a dataclass of those).
+    """
+
+
+class StreamHandlerError(SyncError):
+    """A stream subscription's handler kept failing on one event; the subscription stopped.
+
+    The event was not skipped: ``stream_id``, ``offset`` and ``position`` name it, and a
+    named subscription resumes at it when restarted. Fix the handler (or the data) and
+    subscribe again.
+    """
+
+    def __init__(
+        self, subscription: str, stream_id: str, offset: int, position: int, attempts: int
+    ) -> None:
+        self.subscription = subscription
+        self.stream_id = stream_id
+        self.offset = offset
+        self.position = position
+        self.attempts = attempts
+        super().__init__(
+            f"subscription {subscription!r} stopped at stream {stream_id!r} offset {offset} "
+            f"(log position {position}): its handler failed {attempts} time(s); the event was "
+            "not skipped. Fix the handler or the data and subscribe again (a named "
+            "subscription resumes at this event)."
+        )
+
+
+class TopologyError(SyncError, ValueError):
+    """A system registration would make the sync topology invalid; nothing was registered."""
+
+
+class DuplicateSystemError(TopologyError):
+    """A system id was registered twice; register each system once (on every restart too)."""
+
+
+class UnknownDependencyError(TopologyError):
+    """A system depends on a system that is not registered; register dependencies first."""
+
+
+class DependencyCycleError(TopologyError):
+    """The dependencies would form a cycle; ``cycle`` lists it. Break the cycle."""
+
+    def __init__(self, cycle: list[str]) -> None:
+        self.cycle = cycle
+        super().__init__(
+            "dependency cycle " + " -> ".join(cycle) + "; a change would propagate forever. "
+            "Remove one of these dependencies; nothing was registered."
+        )
+
+
+class UnknownSystemError(SyncError, LookupError):
+    """A change came from (or was asked of) a system that is not registered; nothing written."""
+
+
+class ResolverFailedError(SyncError):
+    """A conflict resolver raised while folding a write; the replica was left unchanged and
+    the failure was recorded as a conflict (see ``RealTimeSyncEngine.conflicts``)."""
+
+
+# -- sync: conflict resolvers -----------------------------------------------------------------
+
+
+class ResolverError(CollaborativeBlocksError):
+    """Base class of conflict resolver errors (vector clocks, writes, resolver tables)."""
+
+
+class InvalidWriteError(ResolverError, ValueError):
+    """A write (or its vector clock) is malformed; nothing was folded. The message says which
+    field and what it must be."""
+
+
+class FutureTimestampError(ResolverError, ValueError):
+    """A write's timestamp is further in the future than the allowed clock skew; not folded."""
+
+    def __init__(self, key: str, writer: str, timestamp: float, now: float, skew: float) -> None:
+        self.key = key
+        self.writer = writer
+        self.timestamp = timestamp
+        self.now = now
+        self.max_clock_skew = skew
+        super().__init__(
+            f"write to {key!r} by {writer!r} has timestamp {timestamp} which is "
+            f"{timestamp - now:.3f}s ahead of now ({now}), more than the allowed clock skew of "
+            f"{skew}s; it would win every last-write-wins comparison until then. Fix the "
+            f"clock of system {writer!r} (or raise max_clock_skew) and write again."
+        )
+
+
+class UnknownNodeError(ResolverError, LookupError):
+    """A write's vector clock names a node that is not a registered system; not folded."""
+
+    def __init__(self, key: str, writer: str, unknown: list[str], known: list[str]) -> None:
+        self.key = key
+        self.writer = writer
+        self.unknown = unknown
+        self.known = known
+        super().__init__(
+            f"write to {key!r} by {writer!r} carries a vector clock with unknown node(s) "
+            f"{', '.join(map(repr, unknown))} (known: {', '.join(known) or 'none'}); register "
+            "those systems first, or drop the write: it was not folded."
+        )
+
+
+class UnknownResolverError(ResolverError, ConfigurationError, LookupError):
+    """A key pattern names a conflict resolver no plugin provides."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        self.name = name
+        self.known = known
+        super().__init__(
+            f"no conflict resolver named {name!r}; installed: {', '.join(known) or 'none'}. "
+            "Use one of those, or register a plugin whose cb_conflict_resolvers provides it."
+        )
+
+
+class MergeFunctionError(ResolverError):
+    """A resolver's merge function raised on a key's siblings; the siblings are kept and the
+    failure is listed by ``conflicts(state)``. Fix the function; the state is unchanged."""
+
+    def __init__(self, resolver: str, key: str, siblings: int, cause: BaseException) -> None:
+        self.resolver = resolver
+        self.key = key
+        self.siblings = siblings
+        self.cause = cause
+        super().__init__(
+            f"resolver {resolver!r}: the merge function for key {key!r} raised "
+            f"{type(cause).__name__}: {cause} on {siblings} concurrent writes; they are kept as "
+            "siblings (see conflicts(state)). Fix the function or choose a fallback."
+        )
+
+
+class UnresolvedConflictError(ResolverError):
+    """A key holds concurrent writes and its resolver was told to raise rather than pick one."""
+
+    def __init__(self, resolver: str, key: str, siblings: int) -> None:
+        self.resolver = resolver
+        self.key = key
+        self.siblings = siblings
+        super().__init__(
+            f"resolver {resolver!r}: key {key!r} holds {siblings} concurrent writes and no "
+            "merge function or fallback picks one; list them with conflicts(state), then write "
+            "a value that supersedes them (its vector clock merging theirs) or configure a "
+            "merge function/fallback."
+        )
+
+
+class InvalidOperationError(ResolverError, ValueError):
+    """A write's value is not an operation the key's resolver understands; not folded."""
