@@ -6,12 +6,18 @@ The hooks in :mod:`collaborative_blocks.core.hookspecs` return lists of these.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 if TYPE_CHECKING:
     from collaborative_blocks.core.clock import Clock
     from collaborative_blocks.core.messaging.transport import Transport
     from collaborative_blocks.core.runtime import Runtime
+    from collaborative_blocks.core.sync.resolvers import (
+        Conflict,
+        JSONValue,
+        ResolverProperty,
+        Write,
+    )
     from collaborative_blocks.stores.base import EventStore
 
 __all__ = [
@@ -58,14 +64,43 @@ class TransportFactory(Protocol):
     async def open(self, url: str, *, runtime: Runtime) -> Transport: ...
 
 
+StateT = TypeVar("StateT")
+
+
 @runtime_checkable
-class ConflictResolver(Protocol):
-    """Chooses the value of a key when replicas disagree."""
+class ConflictResolver(Protocol[StateT]):
+    """Folds the writes to one key into a state that every replica agrees on.
+
+    A replica starts from ``initial()`` and folds each write it receives with ``apply``;
+    two replicas' states combine with ``merge``. When ``merge`` is commutative, associative
+    and idempotent (the ``properties`` it claims; the resolver conformance suite in
+    :mod:`collaborative_blocks.testing` checks them) and ``apply(s, w) == merge(s,
+    apply(initial(), w))``, replicas that received the same writes in any order, with
+    duplicates, hold equal states. ``value`` is what readers see; ``conflicts`` lists the
+    concurrent writes the state holds and how they were resolved (never dropped silently).
+    States are immutable and compare with ``==``; ``to_json``/``from_json`` store them.
+    All methods are synchronous and I/O-free. See docs/sync-resolvers.md.
+    """
 
     @property
     def name(self) -> str: ...
 
-    def resolve(self, key: str, candidates: Sequence[Any]) -> Any: ...
+    @property
+    def properties(self) -> frozenset[ResolverProperty]: ...
+
+    def initial(self) -> StateT: ...
+
+    def apply(self, state: StateT, write: Write) -> StateT: ...
+
+    def merge(self, left: StateT, right: StateT) -> StateT: ...
+
+    def value(self, state: StateT) -> JSONValue: ...
+
+    def conflicts(self, state: StateT) -> Sequence[Conflict]: ...
+
+    def to_json(self, state: StateT) -> JSONValue: ...
+
+    def from_json(self, data: JSONValue) -> StateT: ...
 
 
 @runtime_checkable

@@ -15,7 +15,7 @@ for one worked example per hook.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -69,11 +69,17 @@ def cb_transport_factories() -> Sequence[TransportFactory]:
 
 
 @hookspec
-def cb_conflict_resolvers() -> Sequence[ConflictResolver]:
+def cb_conflict_resolvers() -> Sequence[ConflictResolver[Any]]:
     """Conflict resolvers this plugin provides, each with a unique ``name``.
 
-    Fires when a sync engine starts and builds its resolver table; users pick a resolver per
-    key pattern by name (``last_write_wins``, ``vector_clock``, ...).
+    Fires when a sync engine starts and builds its resolver table
+    (:class:`~collaborative_blocks.core.sync.resolvers.ResolverRegistry`); users pick a
+    resolver per key pattern by name (``last_write_wins``, ``vector_clock``, ...). Each object
+    implements :class:`~collaborative_blocks.core.extensions.ConflictResolver`: ``initial``,
+    ``apply`` (fold a write), ``merge`` (two replicas' states), ``value``, ``conflicts`` and
+    JSON (de)serialisation of its state. Two plugins providing the same name is an error
+    naming both. Check yours with
+    :class:`~collaborative_blocks.testing.resolver_conformance.ResolverConformance`.
     """
     raise NotImplementedError
 
