@@ -1,0 +1,679 @@
+"""The real-time sync engine: systems with replicas of keyed data, a dependency topology,
+changes recorded in the log and delivered through the broker, awaitable consistency.
+
+- A **system** holds a replica: key -> resolver state (see
+  :mod:`collaborative_blocks.core.sync.resolvers`). It **depends on** the systems whose
+  changes it receives; the topology is a DAG, registered dependencies first.
+- ``propagate_change(source, {key: value, ...})`` makes one :class:`Write` per key (the
+  source's vector clock after counting it, the engine clock's timestamp), folds them into the
+  source's replica, appends them as one ``ChangeRecorded`` event to the engine's change
+  stream, and publishes them on the broker. Each dependent system folds them and forwards
+  them to its own dependents, so a change reaches every system downstream of its source in
+  topological order.
+- The change stream is the truth: a restarted engine (same store, same registrations)
+  rebuilds every replica by folding the logged changes. Conflicts a replica detects are
+  appended to the engine's conflict stream.
+
+Folding a change into a replica computes every key's new state before storing any, so a
+resolver that raises leaves the replica as it was (no half-applied change).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry import metrics
+
+from collaborative_blocks.core.clock import Clock
+from collaborative_blocks.core.messaging.broker import MessageBroker, MessageContext
+from collaborative_blocks.core.messaging.envelope import DeliveryGuarantee, Message, MessageType
+from collaborative_blocks.core.runtime import Runtime
+from collaborative_blocks.core.sync.resolvers import (
+    Conflict,
+    ConflictStatus,
+    JSONValue,
+    ResolverRegistry,
+    VectorClock,
+    Write,
+    canonical_json,
+    check_write,
+)
+from collaborative_blocks.errors import (
+    DependencyCycleError,
+    DuplicateSystemError,
+    ResolverError,
+    ResolverFailedError,
+    SyncError,
+    SyncSerializationError,
+    TopologyError,
+    UnknownDependencyError,
+    UnknownSystemError,
+)
+from collaborative_blocks.stores.base import AppendRequest, EventStore, NewEvent
+
+__all__ = [
+    "CHANGE_TOPIC",
+    "CONFLICT_TOPIC",
+    "ChangeRecord",
+    "Inconsistency",
+    "RealTimeSyncEngine",
+]
+
+CHANGE_TOPIC = "collaborative_blocks.sync:ChangeRecorded"
+CONFLICT_TOPIC = "collaborative_blocks.sync:ConflictRecorded"
+_INSTRUMENTATION = "collaborative_blocks.sync"
+# System ids become message names and broker subscription patterns: no glob characters.
+_SYSTEM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$")
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeRecord:
+    """A change as recorded: its id (log position), its source and one write per key."""
+
+    change_id: int
+    source: str
+    writes: tuple[Write, ...]
+
+    @property
+    def recorded_at(self) -> float:
+        return self.writes[0].timestamp if self.writes else 0.0
+
+
+_MISSING = object()
+
+
+@dataclass(frozen=True, slots=True)
+class Inconsistency:
+    """Why ``ensure_consistency(key)`` returned False.
+
+    ``values`` maps every system that should hold the key (a writer of it, or downstream of
+    one) to its current resolved value (None when it has none yet); ``behind`` maps each
+    system still missing writes to the key to how many changes it has not applied.
+    """
+
+    key: str
+    values: dict[str, JSONValue]
+    behind: dict[str, int]
+
+    @property
+    def lagging(self) -> list[str]:
+        """The systems that have not applied every change to the key."""
+        return list(self.behind)
+
+
+@dataclass
+class _Replica:
+    system: str
+    dependencies: tuple[str, ...]
+    dependents: list[str] = field(default_factory=list)
+    states: dict[str, Any] = field(default_factory=dict)
+    clock: VectorClock = field(default_factory=VectorClock)
+    applied: set[int] = field(default_factory=set)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class RealTimeSyncEngine:
+    """Keeps replicas of keyed data in several systems consistent.
+
+    ```python
+    sync_engine = RealTimeSyncEngine(store=store)
+    await sync_engine.register_system("crm")
+    await sync_engine.register_system("billing", ["crm"])
+    await sync_engine.propagate_change("crm", {"customer-1.email": "a@example.com"})
+    assert await sync_engine.ensure_consistency("customer-1.email", 5)
+    ```
+
+    Everything it needs can be injected: ``runtime`` (settings, clock, plugins, store),
+    ``store``, ``broker`` (default: an in-process broker on the same clock), ``resolvers``
+    (default: every plugin's ``cb_conflict_resolvers``, ``last_write_wins`` for keys no
+    pattern matches), ``meter_provider`` for OpenTelemetry metrics. ``name`` separates
+    engines sharing one store (streams ``cb-sync:<name>:changes`` and
+    ``cb-sync:<name>:conflicts``). ``max_clock_skew``: a write whose timestamp is further in
+    the future is refused.
+    """
+
+    def __init__(
+        self,
+        runtime: Runtime | None = None,
+        *,
+        store: EventStore | None = None,
+        broker: MessageBroker | None = None,
+        resolvers: ResolverRegistry | None = None,
+        clock: Clock | None = None,
+        name: str = "sync",
+        guarantee: DeliveryGuarantee = DeliveryGuarantee.AT_LEAST_ONCE,
+        max_clock_skew: float = 300.0,
+        meter_provider: metrics.MeterProvider | None = None,
+    ) -> None:
+        if not _SYSTEM_ID.match(name):
+            raise SyncError(f"engine name {name!r} must match {_SYSTEM_ID.pattern}")
+        self._own_runtime = runtime is None
+        self.runtime = runtime if runtime is not None else Runtime(store=store, clock=clock)
+        self.clock: Clock = clock if clock is not None else self.runtime.clock
+        self._store = store
+        self._own_broker = broker is None
+        self.broker = (
+            broker
+            if broker is not None
+            else MessageBroker(runtime=self.runtime, clock=self.clock, store=store)
+        )
+        self._resolvers = resolvers
+        self.name = name
+        self.guarantee = guarantee
+        self.max_clock_skew = max_clock_skew
+        self.changes_stream = f"cb-sync:{name}:changes"
+        self.conflicts_stream = f"cb-sync:{name}:conflicts"
+        self._replicas: dict[str, _Replica] = {}
+        # key -> (change id, source) of every change that wrote it, in log order
+        self._key_changes: dict[str, list[tuple[int, str]]] = {}
+        self._targets: dict[str, tuple[str, ...]] = {}  # source -> itself + downstream
+        self._conflicts: dict[str, list[Conflict]] = {}
+        self._conflicts_seen: set[str] = set()
+        self._unsaved: list[Conflict] = []
+        self._conflicts_loaded = False
+        self._indexed = False
+        self._changed = asyncio.Event()
+        self._pending: dict[int, tuple[float, set[str]]] = {}  # change -> (start, to apply)
+        self.last_inconsistency: Inconsistency | None = None
+        meter = metrics.get_meter(_INSTRUMENTATION, meter_provider=meter_provider)
+        self._lag = meter.create_histogram(
+            "cb.sync.replication.lag",
+            unit="s",
+            description="time from a change's timestamp to its application at a system",
+        )
+        self._latency = meter.create_histogram(
+            "cb.sync.propagation.latency",
+            unit="s",
+            description="time from recording a change to its application at the last system",
+        )
+        self._conflict_counter = meter.create_counter(
+            "cb.sync.conflicts",
+            description="conflicts detected and resolved, per resolver (strategy) and status",
+        )
+
+    # -- wiring ----------------------------------------------------------------------------
+
+    async def store(self) -> EventStore:
+        if self._store is None:
+            self._store = await self.runtime.store()
+        return self._store
+
+    @property
+    def resolvers(self) -> ResolverRegistry:
+        """Which resolver folds which key (``resolvers.assign(pattern, name)`` to choose)."""
+        if self._resolvers is None:
+            self._resolvers = ResolverRegistry.from_plugin_manager(self.runtime.plugins)
+        return self._resolvers
+
+    @property
+    def systems(self) -> list[str]:
+        """Registered system ids in registration (a topological) order."""
+        return list(self._replicas)
+
+    # -- topology --------------------------------------------------------------------------
+
+    async def register_system(self, system_id: str, dependencies: Iterable[str] = ()) -> None:
+        """Add ``system_id``, which receives the changes of every system in ``dependencies``.
+
+        Dependencies must be registered first, so the topology stays acyclic; a duplicate id,
+        an unknown dependency or a cycle (a system depending on itself) is a
+        :class:`TopologyError` and registers nothing. The system's replica is rebuilt from
+        the change log (everything its upstream systems changed), so registering the same
+        systems after a restart restores the replicas.
+        """
+        if isinstance(dependencies, str):
+            raise TopologyError(
+                f"dependencies of {system_id!r} must be a list of system ids, not the string "
+                f"{dependencies!r}; write [{dependencies!r}]"
+            )
+        deps = tuple(dict.fromkeys(dependencies))
+        if not isinstance(system_id, str) or not _SYSTEM_ID.match(system_id):
+            raise TopologyError(
+                f"system id {system_id!r} must match {_SYSTEM_ID.pattern} (letters, digits, "
+                "_ . : -; it becomes a message name)"
+            )
+        if system_id in self._replicas:
+            raise DuplicateSystemError(
+                f"system {system_id!r} is already registered with this engine; register each "
+                "system once"
+            )
+        if system_id in deps:
+            raise DependencyCycleError([system_id, system_id])
+        unknown = [dep for dep in deps if dep not in self._replicas]
+        if unknown:
+            raise UnknownDependencyError(
+                f"system {system_id!r} depends on {', '.join(map(repr, unknown))}, not "
+                f"registered (registered: {', '.join(self._replicas) or 'none'}); register "
+                "dependencies first. Nothing was registered."
+            )
+        store = await self.store()
+        await self._load_conflicts(store)
+        records = await self._read_changes(store)
+        if not self._indexed:
+            # The first registration after a (re)start learns which changes wrote which keys.
+            self._indexed = True
+            for record in records:
+                self._index(record)
+        replica = _Replica(system_id, deps)
+        upstream = self._upstream(deps) | {system_id}
+        for record in records:
+            if record.source in upstream:
+                self._fold(replica, record, raise_errors=False)
+        self._replicas[system_id] = replica
+        for dep in deps:
+            self._replicas[dep].dependents.append(system_id)
+        self._targets.clear()
+
+        async def receive(message: Message, ctx: MessageContext) -> None:
+            await self._receive(system_id, message, ctx)
+
+        for dep in deps:
+            await self.broker.subscribe(
+                self._subject(dep),
+                receive,
+                group=f"cb-sync:{self.name}:{system_id}:{dep}",
+                system=system_id,
+            )
+        self._changed.set()
+
+    def _upstream(self, deps: Iterable[str]) -> set[str]:
+        seen: set[str] = set()
+        todo = list(deps)
+        while todo:
+            system = todo.pop()
+            if system not in seen:
+                seen.add(system)
+                todo.extend(self._replicas[system].dependencies)
+        return seen
+
+    def downstream(self, system_id: str) -> list[str]:
+        """Every system that receives ``system_id``'s changes, transitively, in topological
+        (registration) order."""
+        self._require(system_id)
+        reached = {system_id}
+        for system, replica in self._replicas.items():
+            if any(dep in reached for dep in replica.dependencies):
+                reached.add(system)
+        return [s for s in self._replicas if s in reached and s != system_id]
+
+    def _subject(self, system_id: str) -> str:
+        return f"cb.sync.{self.name}.{system_id}"
+
+    def _require(self, system_id: str) -> _Replica:
+        replica = self._replicas.get(system_id)
+        if replica is None:
+            raise UnknownSystemError(
+                f"system {system_id!r} is not registered with sync engine {self.name!r} "
+                f"(registered: {', '.join(self._replicas) or 'none'}); call "
+                "register_system first. Nothing was written."
+            )
+        return replica
+
+    # -- changes ---------------------------------------------------------------------------
+
+    async def propagate_change(
+        self, source: str, change_data: Mapping[str, JSONValue]
+    ) -> ChangeRecord:
+        """Record ``change_data`` (key -> value) as ``source``'s change and deliver it.
+
+        Returns the :class:`ChangeRecord` (its ``change_id`` is the log position). Raises
+        :class:`UnknownSystemError` for an unregistered source,
+        :class:`SyncSerializationError` for data that is not JSON, a
+        :class:`~collaborative_blocks.errors.ResolverError` for a write a resolver refuses,
+        :class:`ResolverFailedError` when a resolver raises; in each case nothing is written
+        and no replica changes.
+        """
+        replica = self._require(source)
+        # One change per source at a time: the next one's vector clock counts this one, and
+        # its states are computed from this one's.
+        async with replica.lock:
+            return await self._propagate(replica, source, change_data)
+
+    async def _propagate(
+        self, replica: _Replica, source: str, change_data: Mapping[str, JSONValue]
+    ) -> ChangeRecord:
+        if not isinstance(change_data, Mapping) or not change_data:
+            raise SyncSerializationError(
+                f"change_data must be a non-empty mapping of key -> JSON value, got {change_data!r}"
+            )
+        now = self.clock.now()
+        clock = replica.clock
+        writes: list[Write] = []
+        for key, value in change_data.items():
+            if not isinstance(key, str) or not key:
+                raise SyncSerializationError(f"a key must be a non-empty string, got {key!r}")
+            try:
+                canonical_json(value)
+                json.dumps(value, allow_nan=False)
+            except (TypeError, ValueError) as error:
+                raise SyncSerializationError(
+                    f"the value of {key!r} from {source!r} is not JSON data ({error}); give "
+                    "dicts with str keys, lists, str, int, finite floats, bool or None. "
+                    "Nothing was written."
+                ) from None
+            clock = clock.increment(source)
+            write = Write(key, value, source, now, clock)
+            check_write(
+                write, now=now, known_nodes=self._replicas, max_clock_skew=self.max_clock_skew
+            )
+            writes.append(write)
+        # Compute the new states before the change is in the log: a resolver that raises
+        # must stop it here, or every replica would fail on it later.
+        store = await self.store()
+        await self._load_conflicts(store)
+        try:
+            updated, conflicts = self._compute(replica, ChangeRecord(0, source, tuple(writes)))
+        except ResolverFailedError:
+            await self._record_conflicts(())  # the failure is a conflict event too
+            raise
+        body = {"source": source, "writes": [w.to_json() for w in writes]}
+        fresh = self._fresh_conflicts(conflicts)
+        requests = [
+            AppendRequest(
+                self.changes_stream, [NewEvent(CHANGE_TOPIC, canonical_json(body).encode())]
+            )
+        ]
+        if fresh:
+            requests.append(self._conflict_request(fresh))
+        # The change and the conflicts it makes are one transaction: neither without the other.
+        position = (await store.append_many(requests))[0][0]
+        for conflict in fresh:
+            self._remember_conflict(conflict)
+        record = ChangeRecord(position, source, tuple(writes))
+        targets = self.downstream(source)
+        if targets:
+            self._pending[position] = (self.clock.monotonic(), set(targets))
+        self._commit(replica, record, updated)
+        self._index(record)
+        self._changed.set()
+        if replica.dependents:
+            await self.broker.publish(self._message(source, record))
+        return record
+
+    def _message(self, sender: str, record: ChangeRecord) -> Message:
+        return Message(
+            MessageType.EVENT,
+            self._subject(sender),
+            {
+                "change": record.change_id,
+                "source": record.source,
+                "writes": [w.to_json() for w in record.writes],
+            },
+            source=sender,
+            key=record.source,
+            guarantee=self.guarantee,
+        )
+
+    async def _receive(self, system_id: str, message: Message, ctx: MessageContext) -> None:
+        payload = message.payload
+        if not isinstance(payload, dict):
+            raise SyncError(f"sync message {message.id} has no change payload")
+        writes = payload.get("writes")
+        record = ChangeRecord(
+            int(payload["change"]),
+            str(payload["source"]),
+            tuple(Write.from_json(w) for w in writes) if isinstance(writes, list) else (),
+        )
+        replica = self._replicas[system_id]
+        # One change at a time per replica: the conflict append below awaits, and a second
+        # change computed meanwhile from the old state would undo the first.
+        async with replica.lock:
+            if record.change_id in replica.applied:
+                return  # a duplicate (a diamond in the topology, or a redelivery)
+            try:
+                updated, conflicts = self._compute(replica, record)
+            except ResolverFailedError:
+                await self._record_conflicts(())
+                raise
+            # Conflicts are stored before the replica shows the change, so whoever sees the
+            # replicas agree also finds the conflicts that agreement involved.
+            await self._record_conflicts(conflicts)
+            self._commit(replica, record, updated)
+        now = self.clock.now()
+        for write in record.writes:
+            self._lag.record(max(now - write.timestamp, 0.0), {"system": system_id})
+        pending = self._pending.get(record.change_id)
+        if pending is not None:
+            pending[1].discard(system_id)
+            if not pending[1]:
+                del self._pending[record.change_id]
+                self._latency.record(max(self.clock.monotonic() - pending[0], 0.0))
+        self._changed.set()
+        if replica.dependents:
+            ctx.publish(self._message(system_id, record))
+
+    def _fold(
+        self, replica: _Replica, record: ChangeRecord, *, raise_errors: bool
+    ) -> list[Conflict]:
+        """Fold all writes of ``record`` into ``replica``, all or nothing; conflicts out."""
+        if record.change_id in replica.applied:
+            return []
+        try:
+            updated, conflicts = self._compute(replica, record)
+        except SyncError:
+            if raise_errors:
+                raise
+            return []
+        self._commit(replica, record, updated)
+        return conflicts
+
+    def _compute(
+        self, replica: _Replica, record: ChangeRecord
+    ) -> tuple[dict[str, Any], list[Conflict]]:
+        """The new state of every key ``record`` writes, without storing any of them."""
+        updated: dict[str, Any] = {}
+        conflicts: list[Conflict] = []
+        for write in record.writes:
+            resolver = self.resolvers.resolver_for(write.key)
+            state = updated.get(write.key, replica.states.get(write.key, _MISSING))
+            if state is _MISSING:
+                state = resolver.initial()
+            try:
+                state = resolver.apply(state, write)
+                found = list(resolver.conflicts(state))
+            except ResolverError:
+                raise
+            except Exception as error:
+                failure = Conflict(
+                    write.key,
+                    resolver.name,
+                    (write,),
+                    ConflictStatus.FAILED,
+                    error=f"{type(error).__name__}: {error}",
+                )
+                if self._remember_conflict(failure):
+                    self._unsaved.append(failure)  # stored by the caller, which can await
+                raise ResolverFailedError(
+                    f"resolver {resolver.name!r} raised {type(error).__name__}: {error} "
+                    f"on a write to {write.key!r} by {write.writer!r}; the change was not "
+                    "applied and is listed by conflicts(key). Fix the resolver (or choose "
+                    "another for this key) and propagate the change again."
+                ) from error
+            conflicts.extend(found)
+            updated[write.key] = state
+        return updated, conflicts
+
+    @staticmethod
+    def _commit(replica: _Replica, record: ChangeRecord, updated: dict[str, Any]) -> None:
+        replica.states.update(updated)
+        for write in record.writes:
+            replica.clock = replica.clock.merge(write.clock)
+        replica.applied.add(record.change_id)
+
+    # -- conflicts -------------------------------------------------------------------------
+
+    @staticmethod
+    def _conflict_id(conflict: Conflict) -> str:
+        return canonical_json(
+            [conflict.key, conflict.status.value, sorted(w.dot for w in conflict.siblings)]
+        )
+
+    def _remember_conflict(self, conflict: Conflict) -> bool:
+        ident = self._conflict_id(conflict)
+        if ident in self._conflicts_seen:
+            return False
+        self._conflicts_seen.add(ident)
+        self._conflicts.setdefault(conflict.key, []).append(conflict)
+        self._conflict_counter.add(
+            1, {"resolver": conflict.resolver, "status": conflict.status.value}
+        )
+        return True
+
+    def _fresh_conflicts(self, conflicts: Iterable[Conflict]) -> list[Conflict]:
+        """Conflicts not recorded yet (each once), plus recorded failures not yet stored."""
+        fresh, idents = list(self._unsaved), set()
+        self._unsaved = []
+        for conflict in conflicts:
+            ident = self._conflict_id(conflict)
+            if ident not in self._conflicts_seen and ident not in idents:
+                idents.add(ident)
+                fresh.append(conflict)
+        return fresh
+
+    def _conflict_request(self, conflicts: Iterable[Conflict]) -> AppendRequest:
+        return AppendRequest(
+            self.conflicts_stream,
+            [NewEvent(CONFLICT_TOPIC, canonical_json(c.to_json()).encode()) for c in conflicts],
+        )
+
+    async def _record_conflicts(self, conflicts: Iterable[Conflict]) -> None:
+        """Append the conflicts not recorded yet to the conflict stream, then remember them."""
+        fresh = self._fresh_conflicts(conflicts)
+        if fresh:
+            store = await self.store()
+            await store.append_many([self._conflict_request(fresh)])
+            for conflict in fresh:
+                self._remember_conflict(conflict)
+
+    async def _load_conflicts(self, store: EventStore) -> None:
+        if self._conflicts_loaded:
+            return
+        self._conflicts_loaded = True
+        for stored in await store.read(self.conflicts_stream):
+            data = json.loads(stored.state)
+            conflict = Conflict(
+                key=data["key"],
+                resolver=data["resolver"],
+                siblings=tuple(Write.from_json(w) for w in data["siblings"]),
+                status=ConflictStatus(data["status"]),
+                resolution=data.get("resolution"),
+                error=data.get("error"),
+            )
+            ident = self._conflict_id(conflict)
+            if ident not in self._conflicts_seen:
+                self._conflicts_seen.add(ident)
+                self._conflicts.setdefault(conflict.key, []).append(conflict)
+
+    def conflicts(self, key: str) -> list[Conflict]:
+        """Conflicts detected on ``key`` (unresolved, resolved or failed), oldest first."""
+        return list(self._conflicts.get(key, []))
+
+    # -- reading and consistency -------------------------------------------------------------
+
+    async def _read_changes(self, store: EventStore) -> list[ChangeRecord]:
+        records = []
+        for stored in await store.read(self.changes_stream):
+            body = json.loads(stored.state)
+            records.append(
+                ChangeRecord(
+                    stored.position,
+                    body["source"],
+                    tuple(Write.from_json(w) for w in body["writes"]),
+                )
+            )
+        return records
+
+    def _index(self, record: ChangeRecord) -> None:
+        for key in dict.fromkeys(write.key for write in record.writes):
+            self._key_changes.setdefault(key, []).append((record.change_id, record.source))
+
+    def _targets_of(self, source: str) -> tuple[str, ...]:
+        targets = self._targets.get(source)
+        if targets is None:
+            targets = self._targets[source] = (source, *self.downstream(source))
+        return targets
+
+    def value(self, system_id: str, key: str) -> JSONValue:
+        """``key``'s resolved value in ``system_id``'s replica (None when it has none)."""
+        replica = self._require(system_id)
+        state = replica.states.get(key, _MISSING)
+        if state is _MISSING:
+            return None
+        return self.resolvers.resolver_for(key).value(state)
+
+    def vector_clock(self, system_id: str) -> VectorClock:
+        """What ``system_id``'s replica has seen, as a vector clock."""
+        return self._require(system_id).clock
+
+    def inconsistency(self, key: str) -> Inconsistency | None:
+        """How the replicas that should hold ``key`` differ now, or None when they agree.
+
+        A replica should hold every change to ``key`` made by itself or by a system it
+        receives from (transitively); replicas that hold the same changes hold the same
+        state, whatever order they came in.
+        """
+        behind: dict[str, int] = {}
+        holders: set[str] = set()
+        for change_id, source in self._key_changes.get(key, ()):
+            for system in self._targets_of(source):
+                replica = self._replicas.get(system)
+                if replica is None:
+                    continue
+                holders.add(system)
+                if change_id not in replica.applied:
+                    behind[system] = behind.get(system, 0) + 1
+        if not behind:
+            return None
+        ordered = [s for s in self._replicas if s in holders]
+        return Inconsistency(key, {s: self.value(s, key) for s in ordered}, behind)
+
+    async def ensure_consistency(
+        self,
+        data_key: str,
+        timeout: float,  # noqa: ASYNC109 -- the seed API; runs on the injected clock
+    ) -> bool:
+        """Wait until every replica that should hold ``data_key`` holds the same state.
+
+        Returns True as soon as they agree (at once if they already do, or if no system has
+        written the key). After ``timeout`` seconds of the engine's clock it returns False
+        and sets :attr:`last_inconsistency` to an :class:`Inconsistency` naming the replicas
+        that differ and their values (also available any time as ``inconsistency(key)``).
+        """
+        if timeout < 0:
+            raise SyncError(f"timeout must be >= 0 seconds, got {timeout}")
+        timer = asyncio.ensure_future(self.clock.sleep(timeout))
+        try:
+            while True:
+                self._changed.clear()
+                difference = self.inconsistency(data_key)
+                if difference is None:
+                    self.last_inconsistency = None
+                    return True
+                if timer.done():
+                    self.last_inconsistency = difference
+                    return False
+                changed = asyncio.ensure_future(self._changed.wait())
+                await asyncio.wait({changed, timer}, return_when=asyncio.FIRST_COMPLETED)
+                changed.cancel()
+        finally:
+            timer.cancel()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Stop the broker subscriptions (and the broker/runtime the engine created)."""
+        if self._own_broker:
+            await self.broker.close()
+        if self._own_runtime:
+            await self.runtime.close()
+
+    async def __aenter__(self) -> RealTimeSyncEngine:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

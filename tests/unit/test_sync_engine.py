@@ -1,0 +1,305 @@
+"""RealTimeSyncEngine: topology, propagation through the broker in topological order,
+awaitable consistency on the injected clock, restart from the log, conflicts, bad input.
+
+The resolvers here are small test doubles written against the public resolver protocol, so
+these tests exercise the engine alone (the built-in resolvers have their own tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+from collaborative_blocks.core.clock import VirtualClock
+from collaborative_blocks.core.messaging.broker import MessageContext
+from collaborative_blocks.core.messaging.envelope import Message
+from collaborative_blocks.core.sync.engine import RealTimeSyncEngine
+from collaborative_blocks.core.sync.resolvers import (
+    CONVERGENT,
+    Conflict,
+    ConflictStatus,
+    JSONValue,
+    Ordering,
+    ResolverProperty,
+    ResolverRegistry,
+    Write,
+)
+from collaborative_blocks.errors import (
+    DependencyCycleError,
+    DuplicateSystemError,
+    ResolverFailedError,
+    SyncSerializationError,
+    TopologyError,
+    UnknownDependencyError,
+    UnknownSystemError,
+)
+from collaborative_blocks.stores import EventStore, open_store
+
+
+class LatestWrites:
+    """Last-write-wins over a grow-only set of writes: trivially a join semi-lattice.
+
+    Concurrent writes among the newest ones are reported as a resolved conflict.
+    """
+
+    name = "test_lww"
+    properties: frozenset[ResolverProperty] = CONVERGENT
+
+    def initial(self) -> frozenset[Write]:
+        return frozenset()
+
+    def apply(self, state: frozenset[Write], write: Write) -> frozenset[Write]:
+        return state | {write}
+
+    def merge(self, left: frozenset[Write], right: frozenset[Write]) -> frozenset[Write]:
+        return left | right
+
+    def value(self, state: frozenset[Write]) -> JSONValue:
+        return max(state, key=Write.order_key).value if state else None
+
+    def conflicts(self, state: frozenset[Write]) -> Sequence[Conflict]:
+        newest = [
+            w for w in state if not any(o.compare(w) is Ordering.AFTER for o in state if o != w)
+        ]
+        if len(newest) < 2:
+            return []
+        siblings = tuple(sorted(newest, key=Write.order_key))
+        return [
+            Conflict(
+                siblings[0].key, self.name, siblings, ConflictStatus.RESOLVED, self.value(state)
+            )
+        ]
+
+    def to_json(self, state: frozenset[Write]) -> JSONValue:
+        return [w.to_json() for w in sorted(state, key=Write.order_key)]
+
+    def from_json(self, data: JSONValue) -> frozenset[Write]:
+        assert isinstance(data, list)
+        return frozenset(Write.from_json(w) for w in data)
+
+
+class Exploding(LatestWrites):
+    name = "exploding"
+
+    def apply(self, state: frozenset[Write], write: Write) -> frozenset[Write]:
+        if write.value == "boom":
+            raise ZeroDivisionError("resolver bug")
+        return super().apply(state, write)
+
+
+def registry() -> ResolverRegistry:
+    table = ResolverRegistry([LatestWrites(), Exploding()], default="test_lww")
+    table.assign("fragile.*", "exploding")
+    return table
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> EventStore:
+    opened = await open_store(f"sqlite+aiosqlite:///{tmp_path / 'events.db'}")
+    yield opened  # type: ignore[misc]
+    await opened.close()
+
+
+def engine_on(
+    store: EventStore, clock: VirtualClock | None = None, **kwargs: object
+) -> RealTimeSyncEngine:
+    return RealTimeSyncEngine(
+        store=store,
+        clock=clock or VirtualClock(),
+        resolvers=registry(),
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+async def chain(engine: RealTimeSyncEngine, systems: Sequence[str]) -> None:
+    await engine.register_system(systems[0])
+    for upstream, system in itertools.pairwise(systems):
+        await engine.register_system(system, [upstream])
+
+
+async def test_a_change_reaches_every_downstream_system_in_topological_order(
+    store: EventStore,
+) -> None:
+    engine = engine_on(store)
+    await chain(engine, ["crm", "billing", "ledger", "reports"])
+    await engine.register_system("audit")  # not downstream of crm: never receives its data
+    order: list[str] = []
+    original = engine._receive
+
+    async def spy(system_id: str, message: Message, ctx: MessageContext) -> None:
+        order.append(system_id)
+        await original(system_id, message, ctx)
+
+    engine._receive = spy  # type: ignore[method-assign]
+    record = await engine.propagate_change("crm", {"customer-1.email": "a@example.com"})
+    assert record.change_id > 0
+    assert await engine.ensure_consistency("customer-1.email", 5)
+    assert order == ["billing", "ledger", "reports"]
+    for system in ("crm", "billing", "ledger", "reports"):
+        assert engine.value(system, "customer-1.email") == "a@example.com"
+    assert engine.value("audit", "customer-1.email") is None
+    assert engine.downstream("crm") == ["billing", "ledger", "reports"]
+    assert dict(engine.vector_clock("reports")) == {"crm": 1}
+    await engine.close()
+
+
+async def test_a_diamond_delivers_once_per_system(store: EventStore) -> None:
+    engine = engine_on(store)
+    await engine.register_system("a")
+    await engine.register_system("b", ["a"])
+    await engine.register_system("c", ["a"])
+    await engine.register_system("d", ["b", "c"])
+    for n in range(3):
+        await engine.propagate_change("a", {"k": n})
+    assert await engine.ensure_consistency("k", 5)
+    assert {engine.value(s, "k") for s in "abcd"} == {2}
+    await engine.close()
+
+
+async def test_topology_errors_register_nothing(store: EventStore) -> None:
+    engine = engine_on(store)
+    await engine.register_system("a")
+    with pytest.raises(DuplicateSystemError, match="already registered"):
+        await engine.register_system("a")
+    with pytest.raises(UnknownDependencyError, match="register dependencies first"):
+        await engine.register_system("b", ["a", "ghost"])
+    with pytest.raises(DependencyCycleError, match="b -> b"):
+        await engine.register_system("b", ["b"])
+    with pytest.raises(TopologyError, match="list of system ids"):
+        await engine.register_system("b", "a")
+    with pytest.raises(TopologyError, match="must match"):
+        await engine.register_system("b*", ["a"])
+    assert engine.systems == ["a"]
+    await engine.register_system("b", ["a"])  # the failures left no trace
+    assert engine.systems == ["a", "b"]
+    await engine.close()
+
+
+async def test_bad_changes_write_nothing_and_change_no_replica(store: EventStore) -> None:
+    engine = engine_on(store)
+    await chain(engine, ["a", "b"])
+    await engine.propagate_change("a", {"fragile.x": "ok"})
+    assert await engine.ensure_consistency("fragile.x", 5)
+    before = await store.max_position()
+    with pytest.raises(UnknownSystemError, match="register_system"):
+        await engine.propagate_change("nobody", {"k": 1})
+    with pytest.raises(SyncSerializationError, match="not JSON"):
+        await engine.propagate_change("a", {"k": 1, "j": {1, 2}})  # type: ignore[dict-item]
+    with pytest.raises(SyncSerializationError):
+        await engine.propagate_change("a", {"k": float("inf")})
+    with pytest.raises(ResolverFailedError, match="ZeroDivisionError"):
+        await engine.propagate_change("a", {"plain": 1, "fragile.x": "boom"})
+    # All or nothing: "plain" was in the same change as the failing key.
+    assert engine.value("a", "plain") is None
+    assert engine.value("a", "fragile.x") == "ok"
+    assert dict(engine.vector_clock("a")) == {"a": 1}
+    failed = engine.conflicts("fragile.x")
+    assert [c.status for c in failed] == [ConflictStatus.FAILED]
+    assert "resolver bug" in (failed[0].error or "")
+    # Only the failure record was written (a conflict event), no change.
+    events = await store.read_all(from_position=before + 1)
+    assert [e.stream for e in events] == ["cb-sync:sync:conflicts"]
+    await engine.close()
+
+
+async def test_ensure_consistency_times_out_on_the_clock_and_says_who_differs(
+    store: EventStore,
+) -> None:
+    clock = VirtualClock()
+    engine = engine_on(store, clock)
+    await chain(engine, ["a", "b", "c"])
+    gate = asyncio.Event()
+    original = engine._receive
+
+    async def slow_c(system_id: str, message: Message, ctx: MessageContext) -> None:
+        if system_id == "c":
+            await gate.wait()
+        await original(system_id, message, ctx)
+
+    engine._receive = slow_c  # type: ignore[method-assign]
+    await engine.propagate_change("a", {"k": "v1"})
+    waiting = asyncio.ensure_future(engine.ensure_consistency("k", 10))
+    for _ in range(3):  # let it start its timer on the virtual clock (yields, not waits)
+        await asyncio.sleep(0)
+    assert clock.pending >= 1
+    await clock.advance(9.9)
+    assert not waiting.done()
+    await clock.advance(0.1)
+    assert await waiting is False
+    difference = engine.last_inconsistency
+    assert difference is not None
+    assert difference.behind == {"c": 1}
+    assert difference.values == {"a": "v1", "b": "v1", "c": None}
+    assert difference.lagging == ["c"]
+    gate.set()
+    assert await engine.ensure_consistency("k", 10)  # woken by c's application, not time
+    assert engine.last_inconsistency is None
+    await engine.close()
+
+
+async def test_replicas_survive_a_restart(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
+    store = await open_store(url)
+    engine = engine_on(store)
+    await chain(engine, ["a", "b", "c"])
+    await engine.propagate_change("a", {"k": 1, "other": "x"})
+    await engine.propagate_change("b", {"k": 2})
+    assert await engine.ensure_consistency("k", 5)
+    await engine.close()
+    await store.close()
+
+    store = await open_store(url)
+    restarted = engine_on(store, VirtualClock(start=1_700_000_100.0))  # time went on
+    await chain(restarted, ["a", "b", "c"])
+    assert [restarted.value(s, "k") for s in "abc"] == [1, 2, 2]
+    assert restarted.value("c", "other") == "x"
+    assert dict(restarted.vector_clock("c")) == {"a": 2, "b": 1}  # one dot per write
+    assert await restarted.ensure_consistency("k", 0)
+    # The restarted source keeps counting where it stopped: no dot is reused.
+    record = await restarted.propagate_change("a", {"k": 3})
+    assert record.writes[0].dot == ("a", 3)
+    assert await restarted.ensure_consistency("k", 5)
+    assert [restarted.value(s, "k") for s in "abc"] == [3, 3, 3]
+    await restarted.close()
+    await store.close()
+
+
+async def test_concurrent_writes_are_recorded_conflicts_and_metrics(store: EventStore) -> None:
+    reader = InMemoryMetricReader()
+    clock = VirtualClock()
+    engine = engine_on(store, clock, meter_provider=MeterProvider(metric_readers=[reader]))
+    await engine.register_system("a")
+    await engine.register_system("b")
+    await engine.register_system("c", ["a", "b"])
+    await engine.propagate_change("a", {"k": "from a"})
+    await clock.advance(1)
+    await engine.propagate_change("b", {"k": "from b"})
+    assert await engine.ensure_consistency("k", 5)
+    assert engine.value("c", "k") == "from b"  # the later timestamp wins
+    assert engine.value("a", "k") == "from a"  # a never receives b's changes
+    [conflict] = engine.conflicts("k")
+    assert conflict.status is ConflictStatus.RESOLVED
+    assert sorted(w.writer for w in conflict.siblings) == ["a", "b"]
+    stored = await store.read("cb-sync:sync:conflicts")
+    assert len(stored) == 1
+
+    points: dict[str, list[tuple[dict[str, object], object]]] = {}
+    data = reader.get_metrics_data()
+    assert data is not None
+    for resource in data.resource_metrics:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                for point in metric.data.data_points:
+                    points.setdefault(metric.name, []).append(
+                        (dict(point.attributes or {}), getattr(point, "value", None))
+                    )
+    assert ({"resolver": "test_lww", "status": "resolved"}, 1) in points["cb.sync.conflicts"]
+    assert {"system": "c"} in [attrs for attrs, _ in points["cb.sync.replication.lag"]]
+    assert "cb.sync.propagation.latency" in points
+    await engine.close()
