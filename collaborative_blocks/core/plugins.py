@@ -36,6 +36,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "collaborative_blocks.plugins.transports.log",
     "collaborative_blocks.plugins.transports.redis",
     "collaborative_blocks.plugins.transports.nats",
+    "collaborative_blocks.plugins.resolvers",
 )
 
 
