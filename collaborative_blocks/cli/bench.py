@@ -322,3 +322,80 @@ def broker_command(
     for result in results:
         for note in result.notes:
             console.print(f"[dim]{result.key}: {note}[/]")
+
+
+@app.command("sync")
+def sync_command(
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+    markdown: Annotated[
+        bool, typer.Option("--markdown", help="Print the table as Markdown (for the docs).")
+    ] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="Tiny sizes, one round (tests).")] = False,
+    rounds: Annotated[
+        int | None,
+        typer.Option(min=1, help="Rounds per case (default 3; 1 with --quick)."),
+    ] = None,
+) -> None:
+    """The sync engine: changes/s through a 5-system chain on SQLite, vector-clock ops/s."""
+    from collaborative_blocks.bench import sync as bench
+
+    options: dict[str, Any] = {}
+    if rounds is not None:
+        options["rounds"] = rounds
+    cfg = bench.SyncBenchConfig.quick(**options) if quick else bench.SyncBenchConfig(**options)
+    command = "cblocks " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "cblocks bench sync"
+
+    async def main() -> list[CaseResult]:
+        if as_json or markdown:
+            return await bench.run_sync_bench(cfg)
+        progress = Progress(
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err_console,
+            transient=True,
+        )
+        with progress:
+            task = progress.add_task("benchmark", total=bench.planned_measurements(cfg))
+
+            def advance(key: str, name: str) -> None:
+                progress.update(task, advance=1, description=f"{key}: {name}")
+
+            return await bench.run_sync_bench(cfg, advance)
+
+    results = run_async(main)
+    machine = machine_info()
+    if as_json:
+        print_json(
+            {
+                "benchmark": "sync",
+                "command": command,
+                "machine": machine,
+                "config": {
+                    "rounds": cfg.rounds,
+                    "quick": quick,
+                    "changes": cfg.changes,
+                    "clock_operations": cfg.clock_operations,
+                },
+                "cases": [c.as_json() for c in results],
+            }
+        )
+        return
+    if markdown:
+        print(
+            f"`{command}`: medians of {cfg.rounds} round(s); {machine['nproc']} "
+            f"CPUs, Python {machine['python']}\n"
+        )
+        print(results_markdown(results))
+        return
+    console.print(
+        results_table(
+            f"cblocks bench sync: medians of {cfg.rounds} round(s), "
+            f"{machine['nproc']} CPUs, Python {machine['python']}",
+            results,
+        )
+    )
+    for result in results:
+        for note in result.notes:
+            console.print(f"[dim]{result.key}: {note}[/]")

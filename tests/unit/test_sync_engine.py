@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from typer.testing import CliRunner
 
+from collaborative_blocks.cli import app
 from collaborative_blocks.core.clock import VirtualClock
 from collaborative_blocks.core.messaging.broker import MessageContext
 from collaborative_blocks.core.messaging.envelope import Message
@@ -303,3 +306,17 @@ async def test_concurrent_writes_are_recorded_conflicts_and_metrics(store: Event
     assert {"system": "c"} in [attrs for attrs, _ in points["cb.sync.replication.lag"]]
     assert "cb.sync.propagation.latency" in points
     await engine.close()
+
+
+def test_bench_sync_quick_json_reports_both_cases() -> None:
+    result = CliRunner().invoke(app, ["bench", "sync", "--quick", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["benchmark"] == "sync"
+    cases = {case["key"]: case for case in report["cases"]}
+    assert set(cases) == {"chain", "vector-clock"}
+    clocks = cases["vector-clock"]
+    assert clocks["measurements"]["ours"]["median"] > 0
+    chain_case = cases["chain"]
+    if chain_case["unavailable"] is None:  # the resolver plugin is installed
+        assert chain_case["measurements"]["ours"]["median"] > 0

@@ -179,6 +179,8 @@ class RealTimeSyncEngine:
         self._indexed = False
         self._changed = asyncio.Event()
         self._pending: dict[int, tuple[float, set[str]]] = {}  # change -> (start, to apply)
+        # key -> deliveries still to apply, so a waiter checks a counter, not every change
+        self._key_pending: dict[str, int] = {}
         self.last_inconsistency: Inconsistency | None = None
         meter = metrics.get_meter(_INSTRUMENTATION, meter_provider=meter_provider)
         self._lag = meter.create_histogram(
@@ -388,6 +390,8 @@ class RealTimeSyncEngine:
         targets = self.downstream(source)
         if targets:
             self._pending[position] = (self.clock.monotonic(), set(targets))
+            for key in dict.fromkeys(write.key for write in writes):
+                self._key_pending[key] = self._key_pending.get(key, 0) + len(targets)
         self._commit(replica, record, updated)
         self._index(record)
         self._changed.set()
@@ -438,8 +442,10 @@ class RealTimeSyncEngine:
         for write in record.writes:
             self._lag.record(max(now - write.timestamp, 0.0), {"system": system_id})
         pending = self._pending.get(record.change_id)
-        if pending is not None:
+        if pending is not None and system_id in pending[1]:
             pending[1].discard(system_id)
+            for key in dict.fromkeys(write.key for write in record.writes):
+                self._key_pending[key] -= 1
             if not pending[1]:
                 del self._pending[record.change_id]
                 self._latency.record(max(self.clock.monotonic() - pending[0], 0.0))
@@ -650,13 +656,17 @@ class RealTimeSyncEngine:
         try:
             while True:
                 self._changed.clear()
-                difference = self.inconsistency(data_key)
-                if difference is None:
-                    self.last_inconsistency = None
-                    return True
-                if timer.done():
-                    self.last_inconsistency = difference
-                    return False
+                # Deliveries of this engine still in flight: not consistent, and no need to
+                # look at every change of the key to know it.
+                busy = self._key_pending.get(data_key, 0) > 0 and not timer.done()
+                if not busy:
+                    difference = self.inconsistency(data_key)
+                    if difference is None:
+                        self.last_inconsistency = None
+                        return True
+                    if timer.done():
+                        self.last_inconsistency = difference
+                        return False
                 changed = asyncio.ensure_future(self._changed.wait())
                 await asyncio.wait({changed, timer}, return_when=asyncio.FIRST_COMPLETED)
                 changed.cancel()
