@@ -7,6 +7,7 @@ synchronous; see :mod:`collaborative_blocks.core.sync.resolvers` and docs/sync-r
 from __future__ import annotations
 
 from collaborative_blocks.core.sync.resolvers import (
+    CONVERGENT,
     AnyResolver,
     Conflict,
     ConflictResolver,
@@ -24,6 +25,7 @@ from collaborative_blocks.core.sync.resolvers import (
 )
 
 __all__ = [
+    "CONVERGENT",
     "AnyResolver",
     "Conflict",
     "ConflictResolver",
