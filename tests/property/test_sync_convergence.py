@@ -235,3 +235,30 @@ def test_the_suite_catches_a_non_commutative_resolver_with_a_minimal_counterexam
     sides = re.findall(r"= fold of (\[.*\])", message)
     assert len(sides) == 2
     assert all(side.count('"writer"') == 1 for side in sides), message
+
+
+class CountsDuplicates(PNCounterResolver):
+    """Claims idempotence but counts a redelivered write again."""
+
+    name = "counts_duplicates"
+
+    def apply(self, state: Any, write: Write) -> Any:
+        writer, counter = write.dot
+        # A fresh tag per fold: the duplicate is no longer recognised.
+        tag = counter + 1000 * len(state.increments)
+        return type(state)(state.increments | {(writer, tag, self._delta(write))})
+
+
+class _CountsDuplicatesSuite(ResolverConformance):  # not collected: run by the test below
+    def make_resolver(self) -> AnyResolver:
+        return CountsDuplicates()
+
+    def write_values(self) -> st.SearchStrategy[JSONValue]:
+        return st.integers(1, 5)
+
+
+def test_the_suite_catches_a_resolver_that_counts_duplicates() -> None:
+    with pytest.raises(AssertionError, match="counts_duplicates: folding the same writes again"):
+        _CountsDuplicatesSuite().test_merge_is_idempotent()
+    with pytest.raises(AssertionError, match=r"counts_duplicates: apply\(s, w\) != merge"):
+        _CountsDuplicatesSuite().test_apply_agrees_with_merge()
