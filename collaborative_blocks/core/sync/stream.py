@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
-from collaborative_blocks.core.clock import Clock
+from collaborative_blocks.core.clock import Clock, SystemClock
 from collaborative_blocks.core.runtime import Runtime
 from collaborative_blocks.errors import (
     StreamHandlerError,
@@ -272,8 +272,6 @@ class EventStream:
                 self._runtime = runtime
             clock = runtime.clock if runtime is not None else None
         if clock is None:
-            from collaborative_blocks.core.clock import SystemClock
-
             clock = SystemClock()
         self.clock: Clock = clock
         if max_retries is None:
