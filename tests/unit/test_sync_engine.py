@@ -314,9 +314,48 @@ def test_bench_sync_quick_json_reports_both_cases() -> None:
     report = json.loads(result.output)
     assert report["benchmark"] == "sync"
     cases = {case["key"]: case for case in report["cases"]}
-    assert set(cases) == {"chain", "vector-clock"}
+    assert set(cases) == {"chain", "chain-concurrent", "vector-clock"}
     clocks = cases["vector-clock"]
     assert clocks["measurements"]["ours"]["median"] > 0
     chain_case = cases["chain"]
     if chain_case["unavailable"] is None:  # the resolver plugin is installed
         assert chain_case["measurements"]["ours"]["median"] > 0
+
+
+async def test_concurrent_changes_from_one_source_each_count_the_previous(
+    store: EventStore,
+) -> None:
+    engine = engine_on(store)
+    await chain(engine, ["a", "b", "c"])
+    records = await asyncio.gather(*(engine.propagate_change("a", {"k": n}) for n in range(20)))
+    dots = sorted(record.dot for record in records)
+    assert dots == [("a", n) for n in range(1, 21)]  # no counter handed out twice
+    assert await engine.ensure_consistency("k", 5)
+    assert [engine.value(s, "k") for s in "abc"] == [19, 19, 19]
+    assert engine.conflicts("k") == []  # one writer's writes are causally ordered
+    await engine.close()
+
+
+async def test_a_change_the_store_refuses_leaves_no_replica_changed(
+    store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = engine_on(store)
+    await chain(engine, ["a", "b"])
+    await engine.propagate_change("a", {"k": "kept"})
+    assert await engine.ensure_consistency("k", 5)
+
+    async def refuse(*args: object, **kwargs: object) -> list[list[int]]:
+        raise OSError("disk full")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(store, "append_many", refuse)
+        with pytest.raises(OSError, match="disk full"):
+            await engine.propagate_change("a", {"k": "lost", "other": 1})
+    assert engine.value("a", "k") == "kept"
+    assert engine.value("a", "other") is None
+    assert await engine.ensure_consistency("k", 0)  # nothing is waited for in vain
+    record = await engine.propagate_change("a", {"k": "next"})
+    assert await engine.ensure_consistency("k", 5)
+    assert [engine.value(s, "k") for s in "ab"] == ["next", "next"]
+    assert record.change_id == await store.max_position()
+    await engine.close()

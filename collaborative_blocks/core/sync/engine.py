@@ -80,6 +80,11 @@ class ChangeRecord:
     writes: tuple[Write, ...]
 
     @property
+    def dot(self) -> tuple[str, int]:
+        """The first write's dot: identifies the change before it has a log position."""
+        return self.writes[0].dot
+
+    @property
     def recorded_at(self) -> float:
         return self.writes[0].timestamp if self.writes else 0.0
 
@@ -113,7 +118,7 @@ class _Replica:
     dependents: list[str] = field(default_factory=list)
     states: dict[str, Any] = field(default_factory=dict)
     clock: VectorClock = field(default_factory=VectorClock)
-    applied: set[int] = field(default_factory=set)
+    applied: set[tuple[str, int]] = field(default_factory=set)  # dots of applied changes
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -170,7 +175,7 @@ class RealTimeSyncEngine:
         self.conflicts_stream = f"cb-sync:{name}:conflicts"
         self._replicas: dict[str, _Replica] = {}
         # key -> (change id, source) of every change that wrote it, in log order
-        self._key_changes: dict[str, list[tuple[int, str]]] = {}
+        self._key_changes: dict[str, list[tuple[tuple[str, int], str]]] = {}
         self._targets: dict[str, tuple[str, ...]] = {}  # source -> itself + downstream
         self._conflicts: dict[str, list[Conflict]] = {}
         self._conflicts_seen: set[str] = set()
@@ -178,7 +183,8 @@ class RealTimeSyncEngine:
         self._conflicts_loaded = False
         self._indexed = False
         self._changed = asyncio.Event()
-        self._pending: dict[int, tuple[float, set[str]]] = {}  # change -> (start, to apply)
+        # change (its dot) -> (when recorded, systems still to apply it)
+        self._pending: dict[tuple[str, int], tuple[float, set[str]]] = {}
         # key -> deliveries still to apply, so a waiter checks a counter, not every change
         self._key_pending: dict[str, int] = {}
         self.last_inconsistency: Inconsistency | None = None
@@ -331,18 +337,15 @@ class RealTimeSyncEngine:
         and no replica changes.
         """
         replica = self._require(source)
-        # One change per source at a time: the next one's vector clock counts this one, and
-        # its states are computed from this one's.
-        async with replica.lock:
-            return await self._propagate(replica, source, change_data)
-
-    async def _propagate(
-        self, replica: _Replica, source: str, change_data: Mapping[str, JSONValue]
-    ) -> ChangeRecord:
         if not isinstance(change_data, Mapping) or not change_data:
             raise SyncSerializationError(
                 f"change_data must be a non-empty mapping of key -> JSON value, got {change_data!r}"
             )
+        store = await self.store()
+        await self._load_conflicts(store)
+        # From here to the append nothing awaits: the writes' vector clocks, the new states
+        # and the replica update are one step, so concurrent changes from one source each
+        # count the previous ones, and their appends can share a commit.
         now = self.clock.now()
         clock = replica.clock
         writes: list[Write] = []
@@ -364,15 +367,21 @@ class RealTimeSyncEngine:
                 write, now=now, known_nodes=self._replicas, max_clock_skew=self.max_clock_skew
             )
             writes.append(write)
-        # Compute the new states before the change is in the log: a resolver that raises
-        # must stop it here, or every replica would fail on it later.
-        store = await self.store()
-        await self._load_conflicts(store)
+        # The new states are computed before the change is in the log: a resolver that
+        # raises must stop it here, or every replica would fail on it later.
+        provisional = ChangeRecord(0, source, tuple(writes))
         try:
-            updated, conflicts = self._compute(replica, ChangeRecord(0, source, tuple(writes)))
+            updated, conflicts = self._compute(replica, provisional)
         except ResolverFailedError:
             await self._record_conflicts(())  # the failure is a conflict event too
             raise
+        targets = self.downstream(source)
+        keys = list(dict.fromkeys(write.key for write in writes))
+        self._commit(replica, provisional, updated)
+        if targets:
+            self._pending[provisional.dot] = (self.clock.monotonic(), set(targets))
+            for key in keys:
+                self._key_pending[key] = self._key_pending.get(key, 0) + len(targets)
         body = {"source": source, "writes": [w.to_json() for w in writes]}
         fresh = self._fresh_conflicts(conflicts)
         requests = [
@@ -382,22 +391,35 @@ class RealTimeSyncEngine:
         ]
         if fresh:
             requests.append(self._conflict_request(fresh))
-        # The change and the conflicts it makes are one transaction: neither without the other.
-        position = (await store.append_many(requests))[0][0]
+        try:
+            # The change and the conflicts it makes are one transaction.
+            position = (await store.append_many(requests))[0][0]
+        except BaseException:
+            # Not in the log, so it must not be in any replica: undo by rebuilding the
+            # source's replica from the log (later changes computed on top of this one
+            # carry only their own writes, so the rebuild gives their right states too).
+            if self._pending.pop(provisional.dot, None) is not None:
+                for key in keys:
+                    self._key_pending[key] -= len(targets)
+            await self._rebuild(source)
+            raise
         for conflict in fresh:
             self._remember_conflict(conflict)
         record = ChangeRecord(position, source, tuple(writes))
-        targets = self.downstream(source)
-        if targets:
-            self._pending[position] = (self.clock.monotonic(), set(targets))
-            for key in dict.fromkeys(write.key for write in writes):
-                self._key_pending[key] = self._key_pending.get(key, 0) + len(targets)
-        self._commit(replica, record, updated)
         self._index(record)
         self._changed.set()
         if replica.dependents:
             await self.broker.publish(self._message(source, record))
         return record
+
+    async def _rebuild(self, system_id: str) -> None:
+        old = self._replicas[system_id]
+        fresh = _Replica(system_id, old.dependencies, dependents=old.dependents, lock=old.lock)
+        upstream = self._upstream(old.dependencies) | {system_id}
+        for record in await self._read_changes(await self.store()):
+            if record.source in upstream:
+                self._fold(fresh, record, raise_errors=False)
+        old.states, old.clock, old.applied = fresh.states, fresh.clock, fresh.applied
 
     def _message(self, sender: str, record: ChangeRecord) -> Message:
         return Message(
@@ -427,7 +449,7 @@ class RealTimeSyncEngine:
         # One change at a time per replica: the conflict append below awaits, and a second
         # change computed meanwhile from the old state would undo the first.
         async with replica.lock:
-            if record.change_id in replica.applied:
+            if record.dot in replica.applied:
                 return  # a duplicate (a diamond in the topology, or a redelivery)
             try:
                 updated, conflicts = self._compute(replica, record)
@@ -441,13 +463,13 @@ class RealTimeSyncEngine:
         now = self.clock.now()
         for write in record.writes:
             self._lag.record(max(now - write.timestamp, 0.0), {"system": system_id})
-        pending = self._pending.get(record.change_id)
+        pending = self._pending.get(record.dot)
         if pending is not None and system_id in pending[1]:
             pending[1].discard(system_id)
             for key in dict.fromkeys(write.key for write in record.writes):
                 self._key_pending[key] -= 1
             if not pending[1]:
-                del self._pending[record.change_id]
+                del self._pending[record.dot]
                 self._latency.record(max(self.clock.monotonic() - pending[0], 0.0))
         self._changed.set()
         if replica.dependents:
@@ -457,7 +479,7 @@ class RealTimeSyncEngine:
         self, replica: _Replica, record: ChangeRecord, *, raise_errors: bool
     ) -> list[Conflict]:
         """Fold all writes of ``record`` into ``replica``, all or nothing; conflicts out."""
-        if record.change_id in replica.applied:
+        if record.dot in replica.applied:
             return []
         try:
             updated, conflicts = self._compute(replica, record)
@@ -509,7 +531,7 @@ class RealTimeSyncEngine:
         replica.states.update(updated)
         for write in record.writes:
             replica.clock = replica.clock.merge(write.clock)
-        replica.applied.add(record.change_id)
+        replica.applied.add(record.dot)
 
     # -- conflicts -------------------------------------------------------------------------
 
@@ -596,7 +618,7 @@ class RealTimeSyncEngine:
 
     def _index(self, record: ChangeRecord) -> None:
         for key in dict.fromkeys(write.key for write in record.writes):
-            self._key_changes.setdefault(key, []).append((record.change_id, record.source))
+            self._key_changes.setdefault(key, []).append((record.dot, record.source))
 
     def _targets_of(self, source: str) -> tuple[str, ...]:
         targets = self._targets.get(source)
@@ -625,13 +647,13 @@ class RealTimeSyncEngine:
         """
         behind: dict[str, int] = {}
         holders: set[str] = set()
-        for change_id, source in self._key_changes.get(key, ()):
+        for dot, source in self._key_changes.get(key, ()):
             for system in self._targets_of(source):
                 replica = self._replicas.get(system)
                 if replica is None:
                     continue
                 holders.add(system)
-                if change_id not in replica.applied:
+                if dot not in replica.applied:
                     behind[system] = behind.get(system, 0) + 1
         if not behind:
             return None
