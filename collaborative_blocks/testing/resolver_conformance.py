@@ -27,6 +27,9 @@ exchange states disagree with replicas that exchange writes), that states surviv
 ``to_json``/``from_json`` and that equal states read the same ``value``. A failure names the
 law and shows the writes behind each state; hypothesis shrinks them to a minimal
 counterexample first.
+
+This module needs ``hypothesis`` (the ``dev`` extra); that is why it is not re-exported from
+:mod:`collaborative_blocks.testing`, which the pytest plugin imports.
 """
 
 from __future__ import annotations
