@@ -66,6 +66,8 @@ __all__ = [
 
 CHANGE_TOPIC = "collaborative_blocks.sync:ChangeRecorded"
 CONFLICT_TOPIC = "collaborative_blocks.sync:ConflictRecorded"
+#: The name of the command that carries a change to a system's replica.
+CHANGE_MESSAGE = "cb.sync.change"
 _INSTRUMENTATION = "collaborative_blocks.sync"
 # System ids become message names and broker subscription patterns: no glob characters.
 _SYSTEM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$")
@@ -280,13 +282,15 @@ class RealTimeSyncEngine:
         async def receive(message: Message, ctx: MessageContext) -> None:
             await self._receive(system_id, message, ctx)
 
-        for dep in deps:
-            await self.broker.subscribe(
-                self._subject(dep),
-                receive,
-                group=f"cb-sync:{self.name}:{system_id}:{dep}",
-                system=system_id,
-            )
+        # Each system's replica is fed through its own inbox on the broker (commands to
+        # one target), so a change is handed only to the systems that take it.
+        await self.broker.subscribe(
+            CHANGE_MESSAGE,
+            receive,
+            target=self._inbox(system_id),
+            group=f"cb-sync:{self.name}:{system_id}",
+            system=system_id,
+        )
         self._changed.set()
 
     def _upstream(self, deps: Iterable[str]) -> set[str]:
@@ -309,8 +313,8 @@ class RealTimeSyncEngine:
                 reached.add(system)
         return [s for s in self._replicas if s in reached and s != system_id]
 
-    def _subject(self, system_id: str) -> str:
-        return f"cb.sync.{self.name}.{system_id}"
+    def _inbox(self, system_id: str) -> str:
+        return f"cb-sync.{self.name}.{system_id}"
 
     def _require(self, system_id: str) -> _Replica:
         replica = self._replicas.get(system_id)
@@ -408,8 +412,8 @@ class RealTimeSyncEngine:
         record = ChangeRecord(position, source, tuple(writes))
         self._index(record)
         self._changed.set()
-        if replica.dependents:
-            await self.broker.publish(self._message(source, record))
+        for message in self._messages(source, record):
+            await self.broker.publish(message)
         return record
 
     async def _rebuild(self, system_id: str) -> None:
@@ -421,19 +425,25 @@ class RealTimeSyncEngine:
                 self._fold(fresh, record, raise_errors=False)
         old.states, old.clock, old.applied = fresh.states, fresh.clock, fresh.applied
 
-    def _message(self, sender: str, record: ChangeRecord) -> Message:
-        return Message(
-            MessageType.EVENT,
-            self._subject(sender),
-            {
-                "change": record.change_id,
-                "source": record.source,
-                "writes": [w.to_json() for w in record.writes],
-            },
-            source=sender,
-            key=record.source,
-            guarantee=self.guarantee,
-        )
+    def _messages(self, sender: str, record: ChangeRecord) -> list[Message]:
+        """One command per system that takes ``sender``'s changes."""
+        payload: JSONValue = {
+            "change": record.change_id,
+            "source": record.source,
+            "writes": [w.to_json() for w in record.writes],
+        }
+        return [
+            Message(
+                MessageType.COMMAND,
+                CHANGE_MESSAGE,
+                payload,
+                source=sender,
+                target=self._inbox(dependent),
+                key=record.source,
+                guarantee=self.guarantee,
+            )
+            for dependent in self._replicas[sender].dependents
+        ]
 
     async def _receive(self, system_id: str, message: Message, ctx: MessageContext) -> None:
         payload = message.payload
@@ -472,8 +482,8 @@ class RealTimeSyncEngine:
                 del self._pending[record.dot]
                 self._latency.record(max(self.clock.monotonic() - pending[0], 0.0))
         self._changed.set()
-        if replica.dependents:
-            ctx.publish(self._message(system_id, record))
+        for forward in self._messages(system_id, record):
+            ctx.publish(forward)
 
     def _fold(
         self, replica: _Replica, record: ChangeRecord, *, raise_errors: bool
