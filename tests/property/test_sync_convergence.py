@@ -29,7 +29,9 @@ from collaborative_blocks.core.sync.resolvers import (
     AnyResolver,
     Conflict,
     JSONValue,
+    Ordering,
     ResolverProperty,
+    VectorClock,
     Write,
 )
 from collaborative_blocks.plugins.resolvers import (
@@ -262,3 +264,36 @@ def test_the_suite_catches_a_resolver_that_counts_duplicates() -> None:
         _CountsDuplicatesSuite().test_merge_is_idempotent()
     with pytest.raises(AssertionError, match=r"counts_duplicates: apply\(s, w\) != merge"):
         _CountsDuplicatesSuite().test_apply_agrees_with_merge()
+
+
+# -- vector clocks ------------------------------------------------------------------------------
+
+clocks = st.dictionaries(st.sampled_from(["a", "b", "c", "d"]), st.integers(0, 3)).map(VectorClock)
+MIRROR = {
+    Ordering.BEFORE: Ordering.AFTER,
+    Ordering.AFTER: Ordering.BEFORE,
+    Ordering.EQUAL: Ordering.EQUAL,
+    Ordering.CONCURRENT: Ordering.CONCURRENT,
+}
+
+
+@given(left=clocks, right=clocks)
+def test_compare_agrees_with_the_elementwise_order_and_merge_is_the_join(
+    left: VectorClock, right: VectorClock
+) -> None:
+    nodes = set(left) | set(right)
+    at_most = all(left[node] <= right[node] for node in nodes)
+    at_least = all(left[node] >= right[node] for node in nodes)
+    expected = {
+        (True, True): Ordering.EQUAL,
+        (True, False): Ordering.BEFORE,
+        (False, True): Ordering.AFTER,
+        (False, False): Ordering.CONCURRENT,
+    }[(at_most, at_least)]
+    assert left.compare(right) is expected
+    assert right.compare(left) is MIRROR[expected]
+    joined = left.merge(right)
+    assert joined == right.merge(left)
+    assert joined.dominates(left)
+    assert joined.dominates(right)
+    assert all(joined[node] == max(left[node], right[node]) for node in nodes)
