@@ -20,8 +20,10 @@ from typer.testing import CliRunner
 
 from collaborative_blocks.cli import app
 from collaborative_blocks.core.clock import VirtualClock
-from collaborative_blocks.core.messaging.broker import MessageContext
+from collaborative_blocks.core.messaging.broker import MessageBroker, MessageContext
 from collaborative_blocks.core.messaging.envelope import Message
+from collaborative_blocks.core.runtime import Runtime
+from collaborative_blocks.core.settings import load_settings
 from collaborative_blocks.core.sync.engine import RealTimeSyncEngine
 from collaborative_blocks.core.sync.resolvers import (
     CONVERGENT,
@@ -359,3 +361,16 @@ async def test_a_change_the_store_refuses_leaves_no_replica_changed(
     assert [engine.value(s, "k") for s in "ab"] == ["next", "next"]
     assert record.change_id == await store.max_position()
     await engine.close()
+
+
+async def test_changes_travel_over_a_durable_broker_too(store: EventStore) -> None:
+    runtime = Runtime(settings=load_settings({}), store=store)
+    broker = MessageBroker("log://", runtime=runtime, store=store)
+    engine = RealTimeSyncEngine(runtime, store=store, broker=broker, resolvers=registry())
+    await chain(engine, ["a", "b", "c"])
+    for n in range(5):
+        await engine.propagate_change("a", {"k": n})
+    assert await engine.ensure_consistency("k", 30)
+    assert [engine.value(s, "k") for s in "abc"] == [4, 4, 4]
+    await engine.close()
+    await broker.close()
