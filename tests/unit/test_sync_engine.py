@@ -38,10 +38,12 @@ from collaborative_blocks.core.sync.resolvers import (
 from collaborative_blocks.errors import (
     DependencyCycleError,
     DuplicateSystemError,
+    FutureTimestampError,
     ResolverFailedError,
     SyncSerializationError,
     TopologyError,
     UnknownDependencyError,
+    UnknownNodeError,
     UnknownSystemError,
 )
 from collaborative_blocks.stores import EventStore, open_store
@@ -374,3 +376,23 @@ async def test_changes_travel_over_a_durable_broker_too(store: EventStore) -> No
     assert [engine.value(s, "k") for s in "abc"] == [4, 4, 4]
     await engine.close()
     await broker.close()
+
+
+async def test_a_future_timestamp_or_a_clock_from_an_unknown_node_is_refused(
+    store: EventStore,
+) -> None:
+    clock = VirtualClock()
+    engine = engine_on(store, clock, max_clock_skew=60)
+    await chain(engine, ["a", "b"])
+    with pytest.raises(FutureTimestampError, match="clock skew"):
+        await engine.propagate_change("a", {"k": 1}, timestamp=clock.now() + 3600)
+    with pytest.raises(UnknownNodeError, match="'ghost'"):
+        await engine.propagate_change("a", {"k": 1}, seen={"ghost": 3})
+    assert await store.read("cb-sync:sync:changes") == []
+    assert engine.value("a", "k") is None
+    # Within the allowed skew, and with a clock of known systems, the change goes through.
+    record = await engine.propagate_change("a", {"k": 2}, timestamp=clock.now() + 30, seen={"b": 1})
+    assert record.writes[0].timestamp == clock.now() + 30
+    assert dict(record.writes[0].clock) == {"a": 1, "b": 1}
+    assert await engine.ensure_consistency("k", 5)
+    await engine.close()

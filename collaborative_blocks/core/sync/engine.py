@@ -329,13 +329,26 @@ class RealTimeSyncEngine:
     # -- changes ---------------------------------------------------------------------------
 
     async def propagate_change(
-        self, source: str, change_data: Mapping[str, JSONValue]
+        self,
+        source: str,
+        change_data: Mapping[str, JSONValue],
+        *,
+        timestamp: float | None = None,
+        seen: Mapping[str, int] | None = None,
     ) -> ChangeRecord:
         """Record ``change_data`` (key -> value) as ``source``'s change and deliver it.
 
+        ``timestamp``: when the source made the change by its own clock (default: now, by
+        the engine's clock). ``seen``: a vector clock of what the source had seen when it
+        made the change, merged into its replica's (for systems that track causality
+        themselves).
+
         Returns the :class:`ChangeRecord` (its ``change_id`` is the log position). Raises
         :class:`UnknownSystemError` for an unregistered source,
-        :class:`SyncSerializationError` for data that is not JSON, a
+        :class:`SyncSerializationError` for data that is not JSON,
+        :class:`~collaborative_blocks.errors.FutureTimestampError` for a timestamp more than
+        ``max_clock_skew`` ahead, :class:`~collaborative_blocks.errors.UnknownNodeError` for
+        a ``seen`` clock naming an unregistered system, another
         :class:`~collaborative_blocks.errors.ResolverError` for a write a resolver refuses,
         :class:`ResolverFailedError` when a resolver raises; in each case nothing is written
         and no replica changes.
@@ -351,7 +364,8 @@ class RealTimeSyncEngine:
         # and the replica update are one step, so concurrent changes from one source each
         # count the previous ones, and their appends can share a commit.
         now = self.clock.now()
-        clock = replica.clock
+        clock = replica.clock if seen is None else replica.clock.merge(VectorClock(seen))
+        stamp = now if timestamp is None else timestamp
         writes: list[Write] = []
         for key, value in change_data.items():
             if not isinstance(key, str) or not key:
@@ -366,7 +380,7 @@ class RealTimeSyncEngine:
                     "Nothing was written."
                 ) from None
             clock = clock.increment(source)
-            write = Write(key, value, source, now, clock)
+            write = Write(key, value, source, stamp, clock)
             check_write(
                 write, now=now, known_nodes=self._replicas, max_clock_skew=self.max_clock_skew
             )
