@@ -210,3 +210,25 @@ async def test_default_store_comes_from_settings(
     store = await stream.store()
     assert [e.topic for e in await store.read("s")] == [SYNC_EVENT_TOPIC]
     await stream.close()
+
+
+async def test_cancel_right_after_the_handler_committed_still_stops_it(tmp_path: Path) -> None:
+    # The handler's own commit (signalled from SQLite's writer thread) wakes the store's
+    # subscription in the same loop turn as the cancel; on Python 3.11 one cancel can be
+    # swallowed there, and the subscription would go on waiting for new events.
+    store = await open_store(f"sqlite+aiosqlite:///{tmp_path / 'events.db'}")
+    stream = EventStream(store=store)
+
+    async def copy(event: StreamEvent, ctx: StreamContext) -> None:
+        ctx.append_event("copies", event.data)
+
+    for round_number in range(20):
+        await stream.append_event("s", {"n": round_number})
+        subscription = await stream.subscribe_to_stream("s", copy, round_number)
+        await subscription.until_offset(round_number)
+        subscription.cancel()
+        await subscription.wait()
+        assert subscription.done
+    copies = await stream.read_stream("copies")
+    assert [event.data["n"] for event in copies] == list(range(20))  # unnamed: appends too
+    await store.close()
