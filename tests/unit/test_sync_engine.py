@@ -396,3 +396,32 @@ async def test_a_future_timestamp_or_a_clock_from_an_unknown_node_is_refused(
     assert dict(record.writes[0].clock) == {"a": 1, "b": 1}
     assert await engine.ensure_consistency("k", 5)
     await engine.close()
+
+
+async def test_a_systems_own_change_during_a_conflict_append_is_not_lost(
+    store: EventStore,
+) -> None:
+    clock = VirtualClock()
+    engine = engine_on(store, clock)
+    await engine.register_system("a")
+    await engine.register_system("x")
+    await engine.register_system("b", ["a", "x"])
+    gate, recording = asyncio.Event(), asyncio.Event()
+    original = engine._record_conflicts
+
+    async def slow_record(conflicts: Sequence[Conflict]) -> None:
+        if conflicts:
+            recording.set()
+            await gate.wait()
+        await original(conflicts)
+
+    engine._record_conflicts = slow_record  # type: ignore[method-assign]
+    await engine.propagate_change("a", {"k": "from a"})
+    await engine.propagate_change("x", {"k": "from x"})  # concurrent with a's: a conflict at b
+    await recording.wait()  # b is storing that conflict, its replica not yet updated
+    await clock.advance(1)
+    await engine.propagate_change("b", {"k": "from b"})  # b's own, later write
+    gate.set()
+    assert await engine.ensure_consistency("k", 5)
+    assert engine.value("b", "k") == "from b"  # b's own write survived the conflict fold
+    await engine.close()

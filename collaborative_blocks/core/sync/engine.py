@@ -482,7 +482,13 @@ class RealTimeSyncEngine:
                 raise
             # Conflicts are stored before the replica shows the change, so whoever sees the
             # replicas agree also finds the conflicts that agreement involved.
-            await self._record_conflicts(conflicts)
+            if conflicts:
+                await self._record_conflicts(conflicts)
+                if record.dot in replica.applied:
+                    return  # applied meanwhile (a rebuild)
+                # The system's own propagate_change may have changed the replica during the
+                # append (it does not take the lock): fold again from what is there now.
+                updated, _ = self._compute(replica, record)
             self._commit(replica, record, updated)
         now = self.clock.now()
         for write in record.writes:
