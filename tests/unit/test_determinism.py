@@ -51,8 +51,7 @@ def _violations(path: Path) -> list[str]:
             arg = node.args[0] if node.args else None
             if not (isinstance(arg, ast.Constant) and arg.value == 0):
                 found.append(
-                    f"{label}:{node.lineno} asyncio.sleep(non-zero): "
-                    "use the injected clock.sleep()"
+                    f"{label}:{node.lineno} asyncio.sleep(non-zero): use the injected clock.sleep()"
                 )
     return found
 

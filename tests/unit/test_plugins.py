@@ -34,9 +34,7 @@ def installed_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (dist / "METADATA").write_text(
         "Metadata-Version: 2.1\nName: cb-readonly-store\nVersion: 0.1.0\n"
     )
-    (dist / "entry_points.txt").write_text(
-        "[collaborative_blocks]\nreadonly = cb_readonly_store\n"
-    )
+    (dist / "entry_points.txt").write_text("[collaborative_blocks]\nreadonly = cb_readonly_store\n")
     monkeypatch.syspath_prepend(str(site))
     yield site
     sys.modules.pop("cb_readonly_store", None)
