@@ -52,11 +52,15 @@ def make_broker(store: EventStore) -> MessageBroker:
     )
 
 
-async def work(url: str) -> None:
+async def work(url: str, slow: bool) -> None:
     store = await open_store(url)
     broker = make_broker(store)
 
     async def job(message: Message, ctx: MessageContext) -> None:
+        if slow:
+            # Simulated work, so that a worker killed mid-run is sure to hold claims it has
+            # not settled: the takeover below is then exercised on every run, not by luck.
+            await asyncio.sleep(0.3)
         ctx.append(f"effect-{message.payload}", [NewEvent("JobDone", str(os.getpid()).encode())])
 
     await broker.subscribe("job", job, group=GROUP)
@@ -82,8 +86,10 @@ def workers() -> Iterator[list[subprocess.Popen[bytes]]]:
         process.wait(timeout=30)
 
 
-def spawn(url: str, workers: list[subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen([sys.executable, __file__, url])
+def spawn(
+    url: str, workers: list[subprocess.Popen[bytes]], *, slow: bool = False
+) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen([sys.executable, __file__, url, "slow" if slow else "fast"])
     workers.append(process)
     return process
 
@@ -106,7 +112,8 @@ async def test_killed_workers_lose_nothing(
             )
             for n in range(JOBS)
         ]
-        first = [spawn(cb_postgres_url, workers) for _ in range(3)]
+        # The two workers that will be killed are slow; the third keeps the work flowing.
+        first = [spawn(cb_postgres_url, workers, slow=n < 2) for n in range(3)]
         await asyncio.wait_for(effects_reach(store, JOBS // 4), 120)
         for process in first[:2]:
             os.kill(process.pid, signal.SIGKILL)  # mid-batch: claims held, nothing settled
@@ -136,4 +143,4 @@ async def test_killed_workers_lose_nothing(
 
 
 if __name__ == "__main__":
-    asyncio.run(work(sys.argv[1]))
+    asyncio.run(work(sys.argv[1], sys.argv[2] == "slow"))
