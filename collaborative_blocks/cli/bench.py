@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import shlex
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from collaborative_blocks.bench._stats import CaseResult, machine_info
+from collaborative_blocks.bench._stats import CaseResult, ProgressCallback, machine_info
 from collaborative_blocks.bench.store import (
     CASES,
     StoreBenchConfig,
@@ -122,6 +123,70 @@ def results_markdown(cases: list[CaseResult]) -> str:
     return "\n".join(lines)
 
 
+def _run_and_report(
+    benchmark: str,
+    run: Callable[[ProgressCallback | None], Awaitable[list[CaseResult]]],
+    *,
+    planned: int,
+    rounds_label: str,
+    config: dict[str, Any],
+    as_json: bool,
+    markdown: bool,
+    sqlite_in_header: bool = False,
+) -> None:
+    """Run one benchmark (with a progress bar unless the output is for a machine) and print
+    its results as JSON, Markdown or a rich table with the case notes."""
+    command = (
+        "cblocks " + shlex.join(sys.argv[1:]) if sys.argv[1:] else f"cblocks bench {benchmark}"
+    )
+
+    async def main() -> list[CaseResult]:
+        if as_json or markdown:
+            return await run(None)
+        progress = Progress(
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err_console,
+            transient=True,
+        )
+        with progress:
+            task = progress.add_task("benchmark", total=planned)
+
+            def advance(key: str, name: str) -> None:
+                progress.update(task, advance=1, description=f"{key}: {name}")
+
+            return await run(advance)
+
+    results = run_async(main)
+    machine = machine_info()
+    if as_json:
+        print_json(
+            {
+                "benchmark": benchmark,
+                "command": command,
+                "machine": machine,
+                "config": config,
+                "cases": [c.as_json() for c in results],
+            }
+        )
+        return
+    where = f"{machine['nproc']} CPUs, Python {machine['python']}"
+    if sqlite_in_header:
+        where += f", SQLite {machine['sqlite']}"
+    if markdown:
+        print(f"`{command}`: medians of {rounds_label}; {where}\n")
+        print(results_markdown(results))
+        return
+    console.print(
+        results_table(f"cblocks bench {benchmark}: medians of {rounds_label}, {where}", results)
+    )
+    for result in results:
+        for note in result.notes:
+            console.print(f"[dim]{result.key}: {note}[/]")
+
+
 @app.command("store")
 def store_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
@@ -156,69 +221,28 @@ def store_command(
     if rounds is not None:
         options["rounds"] = rounds
     cfg = StoreBenchConfig.quick(**options) if quick else StoreBenchConfig(**options)
-    command = "cblocks " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "cblocks bench store"
-
-    async def main() -> list[CaseResult]:
-        if as_json or markdown:
-            return await run_store_bench(cfg)
-        progress = Progress(
-            TextColumn("[progress.description]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=err_console,
-            transient=True,
-        )
-        with progress:
-            task = progress.add_task("benchmark", total=planned_measurements(cfg))
-
-            def advance(key: str, name: str) -> None:
-                progress.update(task, advance=1, description=f"{key}: {name}")
-
-            return await run_store_bench(cfg, advance)
-
-    results = run_async(main)
-    machine = machine_info()
-    if as_json:
-        print_json(
-            {
-                "benchmark": "store",
-                "command": command,
-                "machine": machine,
-                "config": {
-                    "rounds": cfg.rounds,
-                    "quick": quick,
-                    "postgres": postgres is not None,
-                    "cases": list(cfg.cases),
-                    "sequential_appends": cfg.sequential_appends,
-                    "concurrent_tasks": cfg.concurrent_tasks,
-                    "appends_per_task": cfg.appends_per_task,
-                    "batches": cfg.batches,
-                    "batch_size": cfg.batch_size,
-                    "aggregate_events": cfg.aggregate_events,
-                    "loads": cfg.loads,
-                },
-                "cases": [c.as_json() for c in results],
-            }
-        )
-        return
-    if markdown:
-        print(
-            f"`{command}`: medians of {cfg.rounds} interleaved round(s); {machine['nproc']} "
-            f"CPUs, Python {machine['python']}, SQLite {machine['sqlite']}\n"
-        )
-        print(results_markdown(results))
-        return
-    console.print(
-        results_table(
-            f"cblocks bench store: medians of {cfg.rounds} interleaved round(s), "
-            f"{machine['nproc']} CPUs, Python {machine['python']}, SQLite {machine['sqlite']}",
-            results,
-        )
+    _run_and_report(
+        "store",
+        lambda progress: run_store_bench(cfg, progress),
+        planned=planned_measurements(cfg),
+        rounds_label=f"{cfg.rounds} interleaved round(s)",
+        config={
+            "rounds": cfg.rounds,
+            "quick": quick,
+            "postgres": postgres is not None,
+            "cases": list(cfg.cases),
+            "sequential_appends": cfg.sequential_appends,
+            "concurrent_tasks": cfg.concurrent_tasks,
+            "appends_per_task": cfg.appends_per_task,
+            "batches": cfg.batches,
+            "batch_size": cfg.batch_size,
+            "aggregate_events": cfg.aggregate_events,
+            "loads": cfg.loads,
+        },
+        as_json=as_json,
+        markdown=markdown,
+        sqlite_in_header=True,
     )
-    for result in results:
-        for note in result.notes:
-            console.print(f"[dim]{result.key}: {note}[/]")
 
 
 @app.command("broker")
@@ -263,65 +287,23 @@ def broker_command(
     if rounds is not None:
         options["rounds"] = rounds
     cfg = bench.BrokerBenchConfig.quick(**options) if quick else bench.BrokerBenchConfig(**options)
-    command = "cblocks " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "cblocks bench broker"
-
-    async def main() -> list[CaseResult]:
-        if as_json or markdown:
-            return await bench.run_broker_bench(cfg)
-        progress = Progress(
-            TextColumn("[progress.description]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=err_console,
-            transient=True,
-        )
-        with progress:
-            task = progress.add_task("benchmark", total=bench.planned_measurements(cfg))
-
-            def advance(key: str, name: str) -> None:
-                progress.update(task, advance=1, description=f"{key}: {name}")
-
-            return await bench.run_broker_bench(cfg, advance)
-
-    results = run_async(main)
-    machine = machine_info()
-    if as_json:
-        print_json(
-            {
-                "benchmark": "broker",
-                "command": command,
-                "machine": machine,
-                "config": {
-                    "rounds": cfg.rounds,
-                    "quick": quick,
-                    "cases": list(cfg.cases),
-                    "redis": redact_url(cfg.redis),
-                    "in_process_messages": cfg.in_process_messages,
-                    "exactly_once_messages": cfg.exactly_once_messages,
-                    "redis_messages": cfg.redis_messages,
-                },
-                "cases": [c.as_json() for c in results],
-            }
-        )
-        return
-    if markdown:
-        print(
-            f"`{command}`: medians of {cfg.rounds} interleaved round(s); {machine['nproc']} "
-            f"CPUs, Python {machine['python']}\n"
-        )
-        print(results_markdown(results))
-        return
-    console.print(
-        results_table(
-            f"cblocks bench broker: medians of {cfg.rounds} interleaved round(s), "
-            f"{machine['nproc']} CPUs, Python {machine['python']}",
-            results,
-        )
+    _run_and_report(
+        "broker",
+        lambda progress: bench.run_broker_bench(cfg, progress),
+        planned=bench.planned_measurements(cfg),
+        rounds_label=f"{cfg.rounds} interleaved round(s)",
+        config={
+            "rounds": cfg.rounds,
+            "quick": quick,
+            "cases": list(cfg.cases),
+            "redis": redact_url(cfg.redis),
+            "in_process_messages": cfg.in_process_messages,
+            "exactly_once_messages": cfg.exactly_once_messages,
+            "redis_messages": cfg.redis_messages,
+        },
+        as_json=as_json,
+        markdown=markdown,
     )
-    for result in results:
-        for note in result.notes:
-            console.print(f"[dim]{result.key}: {note}[/]")
 
 
 @app.command("sync")
@@ -343,59 +325,17 @@ def sync_command(
     if rounds is not None:
         options["rounds"] = rounds
     cfg = bench.SyncBenchConfig.quick(**options) if quick else bench.SyncBenchConfig(**options)
-    command = "cblocks " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "cblocks bench sync"
-
-    async def main() -> list[CaseResult]:
-        if as_json or markdown:
-            return await bench.run_sync_bench(cfg)
-        progress = Progress(
-            TextColumn("[progress.description]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=err_console,
-            transient=True,
-        )
-        with progress:
-            task = progress.add_task("benchmark", total=bench.planned_measurements(cfg))
-
-            def advance(key: str, name: str) -> None:
-                progress.update(task, advance=1, description=f"{key}: {name}")
-
-            return await bench.run_sync_bench(cfg, advance)
-
-    results = run_async(main)
-    machine = machine_info()
-    if as_json:
-        print_json(
-            {
-                "benchmark": "sync",
-                "command": command,
-                "machine": machine,
-                "config": {
-                    "rounds": cfg.rounds,
-                    "quick": quick,
-                    "changes": cfg.changes,
-                    "clock_operations": cfg.clock_operations,
-                },
-                "cases": [c.as_json() for c in results],
-            }
-        )
-        return
-    if markdown:
-        print(
-            f"`{command}`: medians of {cfg.rounds} round(s); {machine['nproc']} "
-            f"CPUs, Python {machine['python']}\n"
-        )
-        print(results_markdown(results))
-        return
-    console.print(
-        results_table(
-            f"cblocks bench sync: medians of {cfg.rounds} round(s), "
-            f"{machine['nproc']} CPUs, Python {machine['python']}",
-            results,
-        )
+    _run_and_report(
+        "sync",
+        lambda progress: bench.run_sync_bench(cfg, progress),
+        planned=bench.planned_measurements(cfg),
+        rounds_label=f"{cfg.rounds} round(s)",
+        config={
+            "rounds": cfg.rounds,
+            "quick": quick,
+            "changes": cfg.changes,
+            "clock_operations": cfg.clock_operations,
+        },
+        as_json=as_json,
+        markdown=markdown,
     )
-    for result in results:
-        for note in result.notes:
-            console.print(f"[dim]{result.key}: {note}[/]")
