@@ -412,3 +412,87 @@ class UnresolvedConflictError(ResolverError):
 
 class InvalidOperationError(ResolverError, ValueError):
     """A write's value is not an operation the key's resolver understands; not folded."""
+
+
+# -- workflows: definitions, runs, circuit breakers --------------------------------------------
+
+
+class WorkflowError(CollaborativeBlocksError):
+    """Base class of workflow definition, run and circuit breaker errors."""
+
+
+class WorkflowDefinitionError(WorkflowError, ValueError):
+    """A workflow definition is invalid; nothing was defined.
+
+    ``workflow_id`` and ``step_id`` (when the problem is in one step) name where; the message
+    says what is wrong and how to fix it.
+    """
+
+    def __init__(self, workflow_id: str, step_id: str | None, problem: str) -> None:
+        self.workflow_id = workflow_id
+        self.step_id = step_id
+        self.problem = problem
+        where = (
+            f"step {step_id!r} of workflow {workflow_id!r}"
+            if step_id
+            else (f"workflow {workflow_id!r}")
+        )
+        super().__init__(f"{where}: {problem}")
+
+
+class ConditionError(WorkflowError):
+    """A step's condition could not be evaluated for a run (for example it reads a value the
+    run does not have); the step fails without retry. Guard optional values with CEL's
+    ``has(...)``."""
+
+
+class UnknownWorkflowError(WorkflowError, LookupError):
+    """No workflow with this id was defined; call ``define_workflow`` first."""
+
+
+class UnknownRunError(WorkflowError, LookupError):
+    """No workflow run with this id is in the event store."""
+
+
+class StepFailedError(WorkflowError):
+    """A step's action failed (the target's handler raised, or no reply came in time)."""
+
+    def __init__(self, step_id: str, error_type: str, detail: str) -> None:
+        self.step_id = step_id
+        self.error_type = error_type
+        self.detail = detail
+        super().__init__(f"step {step_id!r} failed: {error_type}: {detail}")
+
+
+class CircuitOpenError(WorkflowError):
+    """The circuit breaker for ``target`` is open (or half-open with every trial call taken):
+    the call was not made. Retry after ``retry_after`` seconds, or route to a fallback."""
+
+    def __init__(self, target: str, retry_after: float) -> None:
+        self.target = target
+        self.retry_after = retry_after
+        super().__init__(
+            f"circuit breaker for {target!r} is open; no call was made. It lets trial calls "
+            f"through in {retry_after:.3g}s; retry later or route to a fallback target"
+        )
+
+
+# -- simulations ------------------------------------------------------------------------------
+
+
+class SimulationError(CollaborativeBlocksError):
+    """Base class of chaos simulation errors."""
+
+
+class FaultPlanError(SimulationError, ValueError):
+    """A fault plan spec could not be parsed; the message names the bad entry and the
+    accepted forms (see ``cblocks chaos run --help``)."""
+
+
+class UnknownScenarioError(SimulationError, LookupError):
+    """No chaos scenario has this name; ``cblocks chaos list`` shows the ones installed."""
+
+
+class NondeterminismError(SimulationError):
+    """A simulated run touched a source of non-determinism (real time, real I/O, a thread)
+    or replayed to a different digest; the message says which."""
