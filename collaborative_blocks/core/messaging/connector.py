@@ -11,7 +11,13 @@ shop = SystemConnector("shop", broker)
 await shop.send_command("billing", "charge", {"order": 7, "amount": 120})
 await shop.publish_event("orders.created", {"order": 7})
 balance = await shop.query("billing", "balance", {"account": "a-1"}, timeout=5)
+receipt = await shop.request("billing", "charge", {"order": 8, "amount": 5}, timeout=5)
 ```
+
+``request`` sends a command and waits for its handler's return value (a request/reply
+command, what a workflow step does): the command carries a ``reply-to`` header, and the
+handler's result, or its failure (error type and message), comes back as the reply. A failed
+handler is not redelivered by the broker: the caller decides whether to retry.
 
 Registration is synchronous and takes effect when the broker starts (``await
 connector.start()``, ``await broker.start()`` or the first publish through the broker).
@@ -53,10 +59,13 @@ from collaborative_blocks.errors import (
     RemoteHandlerError,
 )
 
-__all__ = ["REPLY_TO", "SystemConnector"]
+__all__ = ["IDEMPOTENCY_KEY", "REPLY_TO", "SystemConnector"]
 
-#: Header naming the reply address of a query.
+#: Header naming the reply address of a query or a request (a command expecting a reply).
 REPLY_TO = "reply-to"
+#: Header a sender sets so the target can recognise a repeated request (same key, same
+#: logical operation) and return the earlier result instead of repeating the effect.
+IDEMPOTENCY_KEY = "idempotency-key"
 
 H = TypeVar("H", bound=Handler)
 
@@ -220,8 +229,52 @@ class SystemConnector:
         ``target`` on an in-process broker.
         """
         wait = self.query_timeout if timeout is None else timeout
-        self._ensure_replies()
         message = self._message(MessageType.QUERY, name, params, target, guarantee, key, wait)
+        return await self._ask(message, wait, None, None)
+
+    async def request(
+        self,
+        target: str,
+        action: str,
+        payload: JSONValue = None,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 -- runs on the injected clock
+        message_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        key: str | None = None,
+        guarantee: DeliveryGuarantee | None = None,
+    ) -> JSONValue:
+        """Send command ``action`` to ``target`` and wait for its handler's return value.
+
+        The command carries a ``reply-to`` header; the target's ``on_command`` handler runs
+        as for :meth:`send_command`, and what it returns (JSON) comes back as the reply. A
+        handler that raises, or a missing handler, comes back as
+        :class:`RemoteHandlerError` (``remote_type`` is the error's class name) and is
+        *not* redelivered by the broker: retrying is the caller's decision. No reply within
+        ``timeout`` seconds (default ``query_timeout``, on the broker's clock) raises
+        :class:`QueryTimeoutError`; the command may still run later (at-least-once), so a
+        caller that retries should send an :data:`IDEMPOTENCY_KEY` header the target can
+        deduplicate on.
+
+        ``message_id``: use this id instead of a fresh one (a deterministic id such as
+        ``run:step:attempt`` lets the target and the logs recognise a redelivery).
+        ``key``: the ordering key (default: the target, so one target handles its commands
+        one at a time; give distinct keys to let them run in parallel). ``headers`` are
+        added to the message's (trace context is added by the broker).
+        """
+        wait = self.query_timeout if timeout is None else timeout
+        message = self._message(MessageType.COMMAND, action, payload, target, guarantee, key, wait)
+        return await self._ask(message, wait, message_id, headers)
+
+    async def _ask(
+        self,
+        message: Message,
+        wait: float,
+        message_id: str | None,
+        headers: Mapping[str, str] | None,
+    ) -> JSONValue:
+        """Publish ``message`` with this connector's reply address; wait for the reply."""
+        self._ensure_replies()
         correlation_id = message.correlation_id or self.broker.new_id()
         message = Message(
             type=message.type,
@@ -229,8 +282,9 @@ class SystemConnector:
             payload=message.payload,
             source=message.source,
             target=message.target,
+            id=message_id or "",
             key=message.key,
-            headers={**message.headers, REPLY_TO: self.address},
+            headers={**message.headers, **(headers or {}), REPLY_TO: self.address},
             correlation_id=correlation_id,
             causation_id=message.causation_id,
             ttl=wait,
@@ -238,9 +292,10 @@ class SystemConnector:
         )
         future: asyncio.Future[JSONValue] = asyncio.get_running_loop().create_future()
         self._pending[correlation_id] = future
+        target = message.target or ""
         try:
             await self.broker.publish(message)
-            return await self._wait(future, wait, target, name, correlation_id)
+            return await self._wait(future, wait, target, message.name, correlation_id)
         finally:
             self._pending.pop(correlation_id, None)
 
@@ -311,6 +366,9 @@ class SystemConnector:
 
     async def _handle_inbox(self, message: Message, ctx: MessageContext) -> object:
         if message.type is MessageType.COMMAND:
+            if REPLY_TO in message.headers:
+                await self._answer(message, ctx, self._commands, "command")
+                return None
             handler = self._commands.get(message.name)
             if handler is None:
                 raise PermanentFailure(
@@ -321,7 +379,7 @@ class SystemConnector:
                 )
             return await handler(message, ctx)
         if message.type is MessageType.QUERY:
-            await self._answer(message, ctx)
+            await self._answer(message, ctx, self._queries, "query")
             return None
         raise PermanentFailure(
             DeadLetterReason.NO_HANDLER,
@@ -329,25 +387,35 @@ class SystemConnector:
             "which takes only commands and queries",
         )
 
-    async def _answer(self, message: Message, ctx: MessageContext) -> None:
+    async def _answer(
+        self,
+        message: Message,
+        ctx: MessageContext,
+        handlers: Mapping[str, ContextHandler],
+        kind: str,
+    ) -> None:
+        """Run the handler of a query or request and send its result (or failure) back."""
         reply_to = message.headers.get(REPLY_TO)
-        handler = self._queries.get(message.name)
+        handler = handlers.get(message.name)
         if handler is None:
+            register = "on_query" if kind == "query" else "on_command"
             body: JSONValue = {
                 "ok": False,
                 "error_type": "NoHandler",
-                "error": f"{self.system_id!r} has no handler for query {message.name!r} "
-                f"(it answers: {', '.join(sorted(self._queries)) or 'no queries'})",
+                "error": f"{self.system_id!r} has no handler for {kind} {message.name!r} "
+                f"(it {'answers' if kind == 'query' else 'handles'}: "
+                f"{', '.join(sorted(handlers)) or f'no {kind}s'}); register one with "
+                f"connector.{register}",
             }
         else:
             try:
-                body = {"ok": True, "result": _as_json(await handler(message, ctx))}
+                body = {"ok": True, "result": _as_json(await handler(message, ctx), kind)}
             except Exception as error:
                 body = {"ok": False, "error_type": type(error).__name__, "error": str(error)}
         if reply_to is None:
             raise PermanentFailure(
                 DeadLetterReason.MALFORMED,
-                f"query {message.name!r} has no {REPLY_TO!r} header, so it cannot be answered",
+                f"{kind} {message.name!r} has no {REPLY_TO!r} header, so it cannot be answered",
             )
         ctx.publish(
             Message(
@@ -403,10 +471,10 @@ class SystemConnector:
             )
 
 
-def _as_json(value: object) -> JSONValue:
+def _as_json(value: object, kind: str = "query") -> JSONValue:
     if value is None or isinstance(value, bool | int | float | str | list | tuple | dict):
         return value
     raise TypeError(
-        f"a query handler must return JSON (dict, list, str, number, bool or None), got "
-        f"{type(value).__name__}"
+        f"a {kind} handler answering a reply must return JSON (dict, list, str, number, bool "
+        f"or None), got {type(value).__name__}"
     )
