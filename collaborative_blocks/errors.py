@@ -477,6 +477,12 @@ class CircuitOpenError(WorkflowError):
         )
 
 
+class RetryPolicyError(WorkflowError, ValueError):
+    """A retry policy has a bad value (negative, backoff below 1, jitter outside [0, 1], an
+    unknown key); inside a workflow definition it is reported as a
+    :class:`WorkflowDefinitionError` naming the step."""
+
+
 # -- simulations ------------------------------------------------------------------------------
 
 
