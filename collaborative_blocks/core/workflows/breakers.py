@@ -143,7 +143,8 @@ class BreakerConfig:
     Rates are percentages. A call is slow when it took longer than ``slow_call_duration``
     seconds. ``window_size`` counts calls (``COUNT_BASED``) or seconds (``TIME_BASED``, in
     one-second buckets). ``minimum_number_of_calls`` must be recorded (in a time window:
-    within the window) before any rate is computed. ``wait_duration_in_open``: seconds an open
+    within the window) before any rate is computed; a count window uses at most
+    ``window_size`` of them, as resilience4j does. ``wait_duration_in_open``: seconds an open
     breaker fails fast before it lets ``permitted_calls_in_half_open`` trial calls through.
     ``max_wait_in_half_open``: seconds the trial may take before the breaker opens again
     (0 = wait for every trial call).
@@ -167,6 +168,15 @@ class BreakerConfig:
     ignore_errors: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        # Lenient input from documents (a window type by name, lists of error names), strict
+        # values afterwards.
+        if isinstance(self.window_type, str):
+            by_name = {w.value: w for w in WindowType} | {w.name: w for w in WindowType}
+            if self.window_type in by_name:
+                object.__setattr__(self, "window_type", by_name[self.window_type])
+        for name in ("record_errors", "ignore_errors"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         _check_number(
             "failure_rate_threshold",
             self.failure_rate_threshold,
@@ -184,20 +194,13 @@ class BreakerConfig:
         _check_number("slow_call_duration", self.slow_call_duration, low=0, what="seconds")
         if not isinstance(self.window_type, WindowType):
             raise _problem(
-                "window_type", self.window_type, "must be WindowType.COUNT_BASED or TIME_BASED"
+                "window_type",
+                self.window_type,
+                "must be WindowType.COUNT_BASED or WindowType.TIME_BASED "
+                "(or their values 'count_based', 'time_based')",
             )
         _check_int("window_size", self.window_size, low=1)
         _check_int("minimum_number_of_calls", self.minimum_number_of_calls, low=1)
-        if (
-            self.window_type is WindowType.COUNT_BASED
-            and self.minimum_number_of_calls > self.window_size
-        ):
-            raise _problem(
-                "minimum_number_of_calls",
-                self.minimum_number_of_calls,
-                f"must be <= window_size ({self.window_size}) for a COUNT_BASED window, "
-                "or the breaker could never open",
-            )
         _check_int("permitted_calls_in_half_open", self.permitted_calls_in_half_open, low=1)
         _check_number("wait_duration_in_open", self.wait_duration_in_open, low=0, what="seconds")
         _check_number(
@@ -449,7 +452,16 @@ class CircuitBreaker:
         self._open_until = 0.0
         self._half_open_since = 0.0
         self._permits = 0
+        # A count window of N calls never holds more than N (resilience4j caps the same way).
+        self._closed_minimum = (
+            min(config.minimum_number_of_calls, config.window_size)
+            if config.window_type is WindowType.COUNT_BASED
+            else config.minimum_number_of_calls
+        )
         self._window: _Window = self._new_window(clock.monotonic())
+        # The calls the current window needs before it has rates (kept when OPEN, so
+        # metrics() still shows the window that opened it).
+        self._minimum = self._closed_minimum
         self._classes: dict[str, int] = {}
 
     # -- reading ---------------------------------------------------------------------------
@@ -462,13 +474,8 @@ class CircuitBreaker:
 
     def metrics(self) -> BreakerMetrics:
         """Rates and counts of the current window (the trial calls' when HALF_OPEN)."""
-        minimum = (
-            self.config.permitted_calls_in_half_open
-            if self._state is _HALF_OPEN
-            else self.config.minimum_number_of_calls
-        )
         calls, failed, slow = self._window.totals(self._clock.monotonic())
-        failure_rate, slow_rate = _rates(calls, failed, slow, minimum)
+        failure_rate, slow_rate = _rates(calls, failed, slow, self._minimum)
         return BreakerMetrics(failure_rate, slow_rate, calls, failed, slow, self._not_permitted)
 
     def retry_after(self) -> float:
@@ -633,7 +640,7 @@ class CircuitBreaker:
         if state is _CLOSED:
             window = self._window
             window.record(failed, slow, now)
-            minimum = self.config.minimum_number_of_calls
+            minimum = self._closed_minimum
             if window.calls < minimum:
                 return
             failure_rate, slow_rate = _rates(window.calls, window.failed, window.slow, minimum)
@@ -691,8 +698,10 @@ class CircuitBreaker:
             self._half_open_since = now
             self._permits = self.config.permitted_calls_in_half_open
             self._window = _CountWindow(self.config.permitted_calls_in_half_open)
+            self._minimum = self.config.permitted_calls_in_half_open
         else:
             self._window = self._new_window(now)
+            self._minimum = self._closed_minimum
 
     def _fire(
         self,
