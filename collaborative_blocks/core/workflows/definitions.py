@@ -167,6 +167,8 @@ class RetryPolicy:
                 f"retry policy jitter is a fraction between 0 and 1 (0.1 = ±10 %), "
                 f"got {self.jitter!r}"
             )
+        for name in ("delay", "backoff", "max_delay", "jitter"):
+            object.__setattr__(self, name, float(getattr(self, name)))
         object.__setattr__(self, "retry_on", _names(self.retry_on, "retry_on"))
         object.__setattr__(self, "non_retryable", _names(self.non_retryable, "non_retryable"))
 
