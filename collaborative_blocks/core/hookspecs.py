@@ -29,6 +29,7 @@ if TYPE_CHECKING:
         TransportFactory,
     )
     from collaborative_blocks.core.runtime import Runtime
+    from collaborative_blocks.simulations.scenarios.base import Scenario
 
 PROJECT_NAME = "collaborative_blocks"
 
@@ -102,6 +103,25 @@ def cb_healing_strategies() -> Sequence[HealingStrategy]:
 @hookspec
 def cb_security_policies() -> Sequence[SecurityPolicy]:
     """Zero-trust policies; every request is checked by all of them, in registration order."""
+    raise NotImplementedError
+
+
+# -- chaos simulations ------------------------------------------------------------------------
+
+
+@hookspec
+def cb_chaos_scenarios() -> Sequence[type[Scenario] | Scenario]:
+    """Chaos scenarios this plugin adds to ``cblocks chaos`` and ``run_simulation``.
+
+    Fires when the simulator lists or looks up scenarios (``scenario_names``,
+    ``get_scenario``, ``cblocks chaos list|run -p MODULE``). Return a list of
+    :class:`~collaborative_blocks.simulations.scenarios.Scenario` subclasses (instantiated
+    without arguments) or instances, each with a unique ``name``: its nodes, workload,
+    invariants (checkers over the recorded history), default fault plan and required
+    coverage. A name already taken (by a built-in or another plugin) is an error naming
+    both. See the module docstring of ``collaborative_blocks.simulations.scenarios`` for a
+    complete example.
+    """
     raise NotImplementedError
 
 

@@ -974,6 +974,9 @@ class MessageBroker:
             dead_letter_depth=lambda: self._dlq_depth,
         )
         self._receipts: deque[tuple[str, str, str, int, float]] = deque(maxlen=receipts_kept)
+        #: How many deliveries ended in each :class:`ReceiptStatus` (all groups of this
+        #: broker): what the chaos simulator reads to know deduplication really happened.
+        self.receipt_counts: dict[str, int] = {}
         self._served: set[str] = set()
         self._specs: list[_ConsumerSpec] = []
         self._deferred: list[_ConsumerSpec] = []
@@ -1266,6 +1269,8 @@ class MessageBroker:
     def _receipt(self, message_id: str, group: str, status: str, attempts: int) -> None:
         # A bounded deque: O(1) on the hot path; looking a message up scans it (rare).
         self._receipts.append((message_id, group, status, attempts, self.clock.now()))
+        counts = self.receipt_counts
+        counts[status] = counts.get(status, 0) + 1
 
     async def receipts(self, message_id: str) -> list[DeliveryReceipt]:
         """What happened to a message in each consumer group of this broker, in order.

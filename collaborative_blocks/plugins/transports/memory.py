@@ -333,6 +333,20 @@ class MemoryTransport:
         # One ack timeout per group (the first subscriber's) keeps deadlines ordered.
         return _MemorySubscription(self, state, _Consumer(consumer, prefetch), state.ack_timeout)
 
+    def in_flight(self) -> int:
+        """Messages not yet settled by every group: waiting to be handed out, held by a
+        consumer without an ack, or waiting for a nack's delay (for metrics and the chaos
+        simulator's timeline)."""
+        total = 0
+        for subject in self._subjects.values():
+            entries = subject.entries
+            last = subject.next_seq
+            for group in subject.groups.values():
+                waiting = last - max(group.cursor, entries[0].seq if entries else last)
+                unsettled = sum(1 for d in group.pending if not d._settled)
+                total += waiting + len(group.ready) + len(group.delayed) + unsettled
+        return total
+
     def backlog(self, subject: str) -> int:
         """Messages of ``subject`` not yet handed to every group (for metrics and tests)."""
         found = self._subjects.get(subject)

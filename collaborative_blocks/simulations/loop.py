@@ -1,0 +1,269 @@
+"""The deterministic event loop: virtual time, a seeded scheduler, no real I/O.
+
+:class:`SimulationLoop` is an asyncio event loop whose :meth:`~SimulationLoop.time` is virtual:
+when no callback is ready it jumps straight to the next timer, so ``asyncio.sleep``,
+``wait_for`` and every timeout run on simulated time and an hour passes in milliseconds.
+The callbacks that are ready together run in an order chosen by a seeded RNG (exploring
+interleavings, FoundationDB-style) while each task's own callbacks keep their FIFO order,
+which is all asyncio promises. Real I/O, threads and subprocesses raise
+:class:`~collaborative_blocks.errors.NondeterminismError`: a simulated run must be a pure
+function of its inputs.
+
+Tasks know which simulated system (node) created them (:data:`CURRENT_NODE`), so a node's
+crash cancels exactly its tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import heapq
+import random
+from collections import deque
+from collections.abc import Callable, Coroutine, Generator
+from typing import Any, TypeVar
+
+from collaborative_blocks.errors import NondeterminismError, SimulationError
+
+__all__ = ["CURRENT_NODE", "SimClock", "SimulationLoop"]
+
+T = TypeVar("T")
+
+#: The simulated system whose code is running (None: the simulator or the network).
+CURRENT_NODE: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "cb_sim_node", default=None
+)
+
+_MAX_JUMP = 7 * 86_400.0
+
+
+class _NoSelector:
+    """Stands in for the selector: there is never any I/O to wait for."""
+
+    def __init__(self, loop: SimulationLoop) -> None:
+        self._loop = loop
+
+    def select(self, timeout: float | None) -> list[Any]:
+        return []
+
+    def close(self) -> None:
+        pass
+
+    def get_map(self) -> dict[Any, Any]:
+        return {}
+
+
+class SimulationLoop(asyncio.BaseEventLoop):
+    """An asyncio loop on virtual time with a seeded order of ready callbacks.
+
+    ``seed`` chooses the interleavings; ``shuffle=False`` keeps asyncio's FIFO order (only
+    time is virtual). :attr:`steps` counts the callbacks run (a measure of work).
+    """
+
+    def __init__(self, seed: int = 0, *, shuffle: bool = True) -> None:
+        super().__init__()
+        self._now = 0.0
+        self._rng = random.Random(f"cb-sim-loop:{seed}")
+        self._shuffle = shuffle
+        self._selector = _NoSelector(self)
+        self.steps = 0
+        self._node_tasks: dict[str, dict[int, asyncio.Task[Any]]] = {}
+        self._task_seq = 0
+        self._task_ids: dict[int, tuple[str, int]] = {}
+        self.set_task_factory(self._make_task)
+
+    # -- time ------------------------------------------------------------------------------
+
+    def time(self) -> float:
+        return self._now
+
+    # -- tasks by node -----------------------------------------------------------------------
+
+    def _make_task(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        coro: Coroutine[Any, Any, T] | Generator[Any, None, T],
+        context: contextvars.Context | None = None,
+    ) -> asyncio.Task[T]:
+        task: asyncio.Task[T] = asyncio.Task(coro, loop=loop, context=context)
+        node = context.get(CURRENT_NODE) if context is not None else CURRENT_NODE.get()
+        if node is not None:
+            self._task_seq += 1
+            seq = self._task_seq
+            self._node_tasks.setdefault(node, {})[seq] = task
+            task.add_done_callback(functools.partial(self._forget, node, seq))
+        return task
+
+    def _forget(self, node: str, seq: int, task: object) -> None:
+        tasks = self._node_tasks.get(node)
+        if tasks is not None:
+            tasks.pop(seq, None)
+
+    def node_tasks(self, node: str) -> list[asyncio.Task[Any]]:
+        """The unfinished tasks ``node`` created (directly or through its tasks), oldest first."""
+        return list(self._node_tasks.get(node, {}).values())
+
+    # -- the scheduler -----------------------------------------------------------------------
+
+    def _run_once(self) -> None:
+        # BaseEventLoop's internals (_scheduled, _ready, handles' _when/_run) are what every
+        # asyncio loop uses; typeshed does not declare them.
+        base: Any = self
+        scheduled = base._scheduled
+        ready: deque[Any] = base._ready
+        while scheduled and scheduled[0]._cancelled:
+            base._timer_cancelled_count -= 1
+            handle = heapq.heappop(scheduled)
+            handle._scheduled = False
+        if not ready and not base._stopping:
+            if not scheduled:
+                raise SimulationError(
+                    "the simulation is deadlocked: no callback is ready and no timer is set "
+                    "(every task waits for something that can never happen)"
+                )
+            when = scheduled[0]._when
+            if when > self._now:
+                # Nothing to do until the next timer: jump there.
+                self._now = min(when, self._now + _MAX_JUMP)
+        now = self._now
+        while scheduled and scheduled[0]._when <= now:
+            handle = heapq.heappop(scheduled)
+            handle._scheduled = False
+            ready.append(handle)
+        count = len(ready)
+        if count > 1 and self._shuffle:
+            self._reorder(ready, count)
+        self.steps += count
+        for _ in range(count):
+            handle = ready.popleft()
+            if not handle._cancelled:
+                handle._run()
+
+    def _reorder(self, ready: deque[Any], count: int) -> None:
+        """Interleave the ready callbacks of different tasks in a seeded random order.
+
+        Callbacks that belong to the same task (by their bound ``__self__``) keep their
+        order, and so do all callbacks that belong to no task (futures' done callbacks,
+        ``call_soon`` functions), since code may rely on asyncio's FIFO among those.
+        """
+        batch = [ready.popleft() for _ in range(count)]
+        rnd = self._rng.random
+        keys: dict[int, float] = {}
+        loose = rnd()
+        decorated = []
+        for position, handle in enumerate(batch):
+            owner = getattr(handle._callback, "__self__", None)
+            if isinstance(owner, asyncio.Task):
+                ident = id(owner)
+                key = keys.get(ident)
+                if key is None:
+                    key = keys[ident] = rnd()
+            else:
+                key = loose
+            decorated.append((key, position, handle))
+        decorated.sort(key=_first_two)
+        ready.extend([entry[2] for entry in decorated])
+        # Callbacks queued after this batch (there are none yet) would come after it.
+
+    # -- refusing non-determinism ------------------------------------------------------------
+
+    def _refuse(self, what: str) -> NondeterminismError:
+        return NondeterminismError(
+            f"{what} inside a simulated run: it would make the run depend on the real world. "
+            "Use the simulated world's store and transport, and the node's clock and RNG, "
+            "instead"
+        )
+
+    def run_in_executor(self, executor: Any, func: Callable[..., T], *args: Any) -> Any:  # type: ignore[override]
+        raise self._refuse(f"run_in_executor({getattr(func, '__name__', func)!r}) (a thread)")
+
+    def _write_to_self(self) -> None:  # call_soon_threadsafe wakes the loop this way
+        pass
+
+    def _process_events(self, event_list: list[Any]) -> None:
+        pass
+
+    async def getaddrinfo(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._refuse("a DNS lookup")
+
+    async def create_connection(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._refuse("a network connection")
+
+    async def create_server(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._refuse("a network server")
+
+    async def create_datagram_endpoint(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._refuse("a datagram endpoint")
+
+    async def create_unix_connection(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._refuse("a unix socket connection")
+
+    async def subprocess_exec(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._refuse("a subprocess")
+
+    async def subprocess_shell(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._refuse("a subprocess")
+
+    def add_reader(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        raise self._refuse("waiting on a file descriptor")
+
+    def add_writer(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        raise self._refuse("waiting on a file descriptor")
+
+    async def sock_connect(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._refuse("a socket")
+
+    async def sock_recv(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._refuse("a socket")
+
+    async def sock_sendall(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._refuse("a socket")
+
+    def add_signal_handler(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        raise self._refuse("a signal handler")
+
+    async def shutdown_default_executor(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        return None
+
+
+def _first_two(entry: tuple[float, int, asyncio.Handle]) -> tuple[float, int]:
+    return entry[0], entry[1]
+
+
+class SimClock:
+    """A :class:`~collaborative_blocks.core.clock.Clock` on a :class:`SimulationLoop`.
+
+    ``now()`` is ``start + loop time + skew`` (``skew``: this system's wall clock error),
+    ``monotonic()`` the loop time, ``sleep()`` a timer on the loop.
+    """
+
+    __slots__ = ("_loop", "skew", "start")
+
+    def __init__(self, loop: SimulationLoop, *, start: float, skew: float = 0.0) -> None:
+        self._loop = loop
+        self.start = start
+        self.skew = skew
+
+    def now(self) -> float:
+        return self.start + self._loop._now + self.skew
+
+    def monotonic(self) -> float:
+        return self._loop._now
+
+    async def sleep(self, seconds: float) -> None:
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        loop = self._loop
+        future: asyncio.Future[None] = loop.create_future()
+        handle = loop.call_at(loop._now + seconds, _wake, future)
+        try:
+            await future
+        finally:
+            handle.cancel()
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -1,0 +1,597 @@
+"""The simulated world: named systems (nodes) sharing one durable store and one faulty network.
+
+- The **durable store** is one :class:`~collaborative_blocks.stores.memory.MemoryEventStore`
+  (the "disk"): it survives every crash. Each node reaches it through a :class:`FaultyStore`
+  (write failures, slow writes).
+- The **network** is one :class:`~collaborative_blocks.plugins.transports.memory.MemoryTransport`
+  (the broker server, which does not crash). Each node reaches it through a
+  :class:`FaultyTransport`: deliveries are dropped (redelivered after the ack timeout),
+  duplicated, delayed and reordered, and cut between the two halves of a partition.
+- A **node** runs the real framework: its own :class:`MessageBroker` on its own (skewed)
+  clock and seeded RNG, plus whatever the scenario starts on it in ``start_node``. A crash
+  cancels every task the node created and drops its in-memory state; a restart builds a new
+  broker and calls ``start_node`` again, which resubscribes and rebuilds from the store.
+
+Every injected fault and every behaviour it provokes is counted in :attr:`World.coverage`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import enum
+import random
+from collections import Counter
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from collaborative_blocks.core.messaging.broker import (
+    ContextHandler,
+    MessageBroker,
+    MessageContext,
+    RetryPolicy,
+)
+from collaborative_blocks.core.messaging.envelope import JSONValue, Message
+from collaborative_blocks.core.messaging.transport import Delivery, Subscription
+from collaborative_blocks.core.settings import Settings, load_settings
+from collaborative_blocks.errors import SimulationError, StoreUnavailableError
+from collaborative_blocks.plugins.transports.memory import MemoryTransport
+from collaborative_blocks.simulations.faults import FaultPlan
+from collaborative_blocks.simulations.loop import CURRENT_NODE, SimClock, SimulationLoop
+from collaborative_blocks.simulations.results import History, Operation, OpType
+from collaborative_blocks.stores.base import (
+    AppendRequest,
+    CommitWaiter,
+    EventStore,
+    Snapshot,
+    StoredEvent,
+    StoreStats,
+    StreamInfo,
+    Tracking,
+)
+from collaborative_blocks.stores.memory import MemoryEventStore
+
+if TYPE_CHECKING:
+    from collaborative_blocks.simulations.scenarios.base import Scenario
+
+__all__ = [
+    "FaultyStore",
+    "FaultyTransport",
+    "Node",
+    "NodeCrashedError",
+    "NodeDownError",
+    "Phase",
+    "SimulatedHandlerError",
+    "World",
+]
+
+T = TypeVar("T")
+
+#: The wall-clock time at which every simulated run starts (2023-11-14T22:13:20Z).
+START_TIME = 1_700_000_000.0
+#: How long a crashed node stays down before it restarts (uniform, simulated seconds).
+RESTART_AFTER = (1.0, 5.0)
+#: How far ``reorder`` holds a message back (uniform, simulated seconds).
+REORDER_WINDOW = 1.0
+#: How long a hanging handler hangs: far past any handler timeout.
+HANG_SECONDS = 3600.0
+
+
+class Phase(enum.StrEnum):
+    """The phases of a run: faults on, then faults healed."""
+
+    SAFETY = "safety"
+    LIVENESS = "liveness"
+
+
+class NodeDownError(SimulationError):
+    """The node a client wanted to use is crashed (the operation certainly did not run)."""
+
+
+class NodeCrashedError(SimulationError):
+    """The node crashed while running an operation (its outcome is unknown)."""
+
+
+class SimulatedHandlerError(SimulationError):
+    """Raised by a handler because the fault plan said so (``handler_error``)."""
+
+
+def _settings() -> Settings:
+    # Never the process environment: a run must not depend on MAX_RETRY_ATTEMPTS & co.
+    return load_settings(environ={})
+
+
+class Node:
+    """One simulated system: a name, a clock, an RNG, a broker, and scenario state."""
+
+    def __init__(self, world: World, name: str, skew: float) -> None:
+        self.world = world
+        self.name = name
+        self.incarnation = 0
+        self.up = False
+        self.clock = SimClock(world.loop, start=START_TIME, skew=skew)
+        self.rng = world.rng(f"node:{name}:0")
+        self.store = FaultyStore(world, self)
+        self.transport = FaultyTransport(world, self)
+        self._broker: MessageBroker | None = None
+        #: In-memory state the scenario keeps for this node; dropped by a crash.
+        self.state: dict[str, Any] = {}
+        context = contextvars.copy_context()
+        context.run(CURRENT_NODE.set, name)
+        self.context = context
+
+    @property
+    def broker(self) -> MessageBroker:
+        if self._broker is None or not self.up:
+            raise NodeDownError(f"node {self.name!r} is down (crashed); it restarts later")
+        return self._broker
+
+    def spawn(self, coro: Coroutine[Any, Any, T], name: str | None = None) -> asyncio.Task[T]:
+        """Run ``coro`` as a task of this node (a crash cancels it)."""
+        return self.world.loop.create_task(coro, name=name, context=self.context.copy())
+
+    async def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on this node and wait for it; :class:`NodeCrashedError` when the node
+        crashes meanwhile (the caller is a client outside the node: it survives)."""
+        if not self.up:
+            coro.close()
+            raise NodeDownError(f"node {self.name!r} is down (crashed); it restarts later")
+        task = self.spawn(coro)
+        await asyncio.wait({task})
+        if task.cancelled():
+            raise NodeCrashedError(f"node {self.name!r} crashed during the operation")
+        return task.result()
+
+    def __repr__(self) -> str:
+        return f"Node({self.name!r}, up={self.up}, incarnation={self.incarnation})"
+
+
+class World:
+    """Nodes, the durable store, the network, the fault plan, the history and coverage."""
+
+    def __init__(
+        self,
+        loop: SimulationLoop,
+        seed: int,
+        plan: FaultPlan,
+        scenario: Scenario,
+    ) -> None:
+        self.loop = loop
+        self.seed = seed
+        self.plan = plan
+        self.scenario = scenario
+        self.history = History()
+        self.coverage: Counter[str] = Counter()
+        self.phase = Phase.SAFETY
+        self.faults_active = not plan.is_empty
+        self.clock = SimClock(loop, start=START_TIME)
+        self.durable = MemoryEventStore("memory://simulated-disk")
+        self.network = MemoryTransport(clock=self.clock, url="memory://simulated-network")
+        self.settings = _settings()
+        self.deliveries = 0
+        self.delayed = 0
+        self.partition: dict[str, int] | None = None
+        self.broker_totals: Counter[str] = Counter()
+        self._rngs: dict[str, random.Random] = {}
+        network_context = contextvars.copy_context()
+        network_context.run(CURRENT_NODE.set, None)
+        self._network_context = network_context
+        skew_rng = self.rng("skew")
+        self.nodes: dict[str, Node] = {}
+        for name in scenario.nodes:
+            skew = skew_rng.uniform(-plan.skew, plan.skew) if plan.skew else 0.0
+            self.nodes[name] = Node(self, name, skew)
+        if plan.skew:
+            self.coverage["skew"] += 1
+        self._open: dict[int, Operation] = {}
+        #: Per-run state a scenario keeps (set it in ``Scenario.setup``).
+        self.scenario_state: dict[str, Any] = {}
+
+    # -- seeded sources ----------------------------------------------------------------------
+
+    def rng(self, purpose: str) -> random.Random:
+        """The RNG for one purpose (a fault kind, a node, the workload), derived from the seed.
+
+        Separate streams mean switching one fault off does not change the others' choices,
+        which is what lets a failing plan shrink.
+        """
+        found = self._rngs.get(purpose)
+        if found is None:
+            # Seeding with a str hashes it with SHA-512: the same in every process,
+            # whatever PYTHONHASHSEED says.
+            found = self._rngs[purpose] = random.Random(f"cb-sim:{self.seed}:{purpose}")
+        return found
+
+    def now(self) -> float:
+        """Simulated seconds since the run started."""
+        return self.loop._now
+
+    # -- history -------------------------------------------------------------------------------
+
+    def invoke(self, process: str, f: str, value: JSONValue = None) -> Operation:
+        """Record the start of a client operation."""
+        op = self.history.append(self.now(), process, OpType.INVOKE, f, value)
+        self._open[op.index] = op
+        return op
+
+    def complete(
+        self,
+        op: Operation,
+        type: OpType,
+        value: JSONValue = None,
+        error: str | None = None,
+    ) -> Operation:
+        """Record how the operation ``op`` (an invocation) ended."""
+        if self._open.pop(op.index, None) is None:
+            raise SimulationError(f"operation #{op.index} was already completed")
+        return self.history.append(self.now(), op.process, type, op.f, value, error)
+
+    def record(
+        self, process: str, type: OpType, f: str, value: JSONValue = None, error: str | None = None
+    ) -> Operation:
+        """Record an operation without an invocation (an observation, e.g. a final read)."""
+        return self.history.append(self.now(), process, type, f, value, error)
+
+    async def operation(
+        self,
+        process: str,
+        f: str,
+        value: JSONValue,
+        action: Callable[[], Awaitable[JSONValue]],
+        *,
+        definite_failures: tuple[type[BaseException], ...] = (NodeDownError,),
+    ) -> Operation:
+        """Run ``action`` as one recorded operation: INVOKE, then OK with its result, FAIL
+        for ``definite_failures`` (it certainly did not happen), INFO for anything else
+        (a timeout, a crash: it may have happened)."""
+        op = self.invoke(process, f, value)
+        try:
+            result = await action()
+        except asyncio.CancelledError:
+            self.complete(op, OpType.INFO, value, "cancelled (crash or end of phase)")
+            raise
+        except definite_failures as error:
+            return self.complete(op, OpType.FAIL, value, f"{type(error).__name__}: {error}")
+        except Exception as error:
+            return self.complete(op, OpType.INFO, value, f"{type(error).__name__}: {error}")
+        return self.complete(op, OpType.OK, result)
+
+    def close_open_operations(self) -> None:
+        """Operations never completed (their client was stopped) end as INFO."""
+        for index in sorted(self._open):
+            op = self._open[index]
+            self.complete(op, OpType.INFO, op.value, "never completed")
+
+    # -- nodes ---------------------------------------------------------------------------------
+
+    def node(self, name: str) -> Node:
+        found = self.nodes.get(name)
+        if found is None:
+            raise SimulationError(f"no node {name!r} (nodes: {', '.join(self.nodes)})")
+        return found
+
+    def new_broker(self, node: Node, **options: Any) -> MessageBroker:
+        """A broker for ``node`` on the simulated network and store (called on every boot)."""
+        defaults: dict[str, Any] = {
+            "handler_timeout": 2.0,
+            "ack_timeout": 10.0,
+            "retry": RetryPolicy(max_retries=3, base_delay=0.2, max_delay=2.0),
+            "max_in_flight": 64,
+            "partitions": 2,
+        }
+        defaults.update(self.scenario.broker_options)
+        defaults.update(options)
+        return MessageBroker(
+            transport=node.transport,
+            store=node.store,
+            clock=node.clock,
+            rng=node.rng,
+            settings=self.settings,
+            tracing=False,
+            **defaults,
+        )
+
+    async def boot(self, node: Node) -> None:
+        """Start ``node`` (again): a new broker and RNG, then the scenario's ``start_node``."""
+        node.incarnation += 1
+        node.rng = self.rng(f"node:{node.name}:{node.incarnation}")
+        node.state = {}
+        node._broker = self.new_broker(node)
+        node.up = True
+        await node.spawn(self.scenario.start_node(self, node), name=f"boot {node.name}")
+
+    async def crash(self, node: Node) -> None:
+        """Kill ``node``: every task it created is cancelled, its memory is gone; the store
+        and the network keep what they had (unacknowledged deliveries are redelivered after
+        their ack timeout)."""
+        if not node.up:
+            return
+        node.up = False
+        self.coverage["crash"] += 1
+        broker = node._broker
+        node._broker = None
+        if broker is not None:
+            self._harvest(broker)
+        tasks = self.loop.node_tasks(node.name)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=1.0)
+        node.state = {}
+
+    async def restart(self, node: Node) -> None:
+        if node.up:
+            return
+        self.coverage["restart"] += 1
+        await self.boot(node)
+
+    def _harvest(self, broker: MessageBroker) -> None:
+        counts = broker.telemetry.counts
+        for name in ("processed", "failed", "redeliveries", "dead_letters"):
+            self.broker_totals[name] += sum(counts[name].values())
+        for status, count in broker.receipt_counts.items():
+            self.broker_totals[f"receipt:{status}"] += count
+
+    def broker_counts(self) -> Counter[str]:
+        """Totals over every broker incarnation so far (crashed ones included)."""
+        totals = Counter(self.broker_totals)
+        for node in self.nodes.values():
+            broker = node._broker
+            if broker is not None:
+                counts = broker.telemetry.counts
+                for name in ("processed", "failed", "redeliveries", "dead_letters"):
+                    totals[name] += sum(counts[name].values())
+                for status, count in broker.receipt_counts.items():
+                    totals[f"receipt:{status}"] += count
+        return totals
+
+    def spawn(self, coro: Coroutine[Any, Any, T], name: str | None = None) -> asyncio.Task[T]:
+        """Run ``coro`` as a task of the simulator itself (no node: a crash never stops it)."""
+        return self.loop.create_task(coro, name=name, context=self._network_context.copy())
+
+    # -- faults --------------------------------------------------------------------------------
+
+    def chance(self, kind: str, probability: float) -> bool:
+        """Whether a fault of ``kind`` happens now (counted in coverage when it does)."""
+        if not probability or not self.faults_active:
+            return False
+        if self.rng(kind).random() < probability:
+            self.coverage[kind] += 1
+            return True
+        return False
+
+    def cut(self, source: str | None, target: str | None) -> bool:
+        """Whether a partition separates the systems ``source`` and ``target`` now."""
+        sides = self.partition
+        if sides is None or source is None or target is None:
+            return False
+        a, b = sides.get(source), sides.get(target)
+        return a is not None and b is not None and a != b
+
+    def start_partition(self) -> None:
+        systems = list(self.scenario.systems or self.scenario.nodes)
+        self.rng("partition").shuffle(systems)
+        half = max(1, len(systems) // 2)
+        self.partition = {s: (0 if i < half else 1) for i, s in enumerate(systems)}
+        self.coverage["partition"] += 1
+
+    def heal_partition(self) -> None:
+        if self.partition is not None:
+            self.partition = None
+            self.coverage["heal"] += 1
+
+    def chaotic(self, node: Node, handler: ContextHandler) -> ContextHandler:
+        """Wrap a scenario handler so it raises (``handler_error``) or hangs past the
+        broker's handler timeout (``handler_hang``) as often as the plan says."""
+        plan = self.plan
+
+        async def handle(message: Message, ctx: MessageContext) -> object:
+            if self.chance("handler_error", plan.handler_error):
+                raise SimulatedHandlerError(f"injected failure handling {message.name}")
+            if self.chance("handler_hang", plan.handler_hang):
+                await node.clock.sleep(HANG_SECONDS)
+            return await handler(message, ctx)
+
+        return handle
+
+    def later(self, delay: float, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` on the network after ``delay`` simulated seconds."""
+
+        async def run() -> None:
+            try:
+                await self.clock.sleep(delay)
+                await coro
+            finally:
+                self.delayed -= 1
+
+        self.delayed += 1
+        self.spawn(run(), name="network delay")
+
+    @property
+    def crashed(self) -> int:
+        return sum(1 for node in self.nodes.values() if not node.up)
+
+
+class FaultyTransport:
+    """A node's view of the network: the shared memory transport, with the plan's faults."""
+
+    def __init__(self, world: World, node: Node) -> None:
+        self._world = world
+        self._node = node
+        self._inner = world.network
+        self.capabilities = self._inner.capabilities
+        self.url = self._inner.url
+
+    async def publish(self, subject: str, message: Message | bytes) -> None:
+        world = self._world
+        if world.faults_active:
+            plan = world.plan
+            delay = 0.0
+            low, high = plan.delay
+            if high:
+                delay = world.rng("delay").uniform(low, high)
+                world.coverage["delay"] += 1
+            if world.chance("reorder", plan.reorder):
+                delay += world.rng("reorder").uniform(0.0, REORDER_WINDOW)
+            if delay > 0:
+                # In the network now: the sender's crash no longer affects it.
+                world.later(delay, self._inner.publish(subject, message))
+                return
+        await self._inner.publish(subject, message)
+
+    async def subscribe(
+        self,
+        subject: str,
+        *,
+        group: str,
+        consumer: str,
+        ack_timeout: float = 30.0,
+        prefetch: int = 100,
+    ) -> Subscription:
+        inner = await self._inner.subscribe(
+            subject, group=group, consumer=consumer, ack_timeout=ack_timeout, prefetch=prefetch
+        )
+        system = self._world.scenario.consumer_system(group, self._node.name)
+        return _FaultySubscription(self._world, inner, system)
+
+    async def close(self) -> None:
+        # The network belongs to the world; a node closing its broker only leaves it.
+        return None
+
+
+class _FaultySubscription:
+    __slots__ = ("_inner", "_system", "_world")
+
+    def __init__(self, world: World, inner: Subscription, system: str) -> None:
+        self._world = world
+        self._inner = inner
+        self._system = system
+
+    async def fetch(self, max_messages: int) -> Sequence[Delivery]:
+        world = self._world
+        while True:
+            deliveries = await self._inner.fetch(max_messages)
+            if not deliveries:
+                return deliveries
+            redelivered = sum(1 for d in deliveries if d.attempt > 1)
+            if redelivered:
+                world.coverage["redelivery"] += redelivered
+            if not world.faults_active:
+                world.deliveries += len(deliveries)
+                return deliveries
+            plan = world.plan
+            out: list[Delivery] = []
+            for delivery in deliveries:
+                body = delivery.body
+                if (
+                    world.partition is not None
+                    and isinstance(body, Message)
+                    and world.cut(body.source, self._system)
+                ):
+                    # Unreachable: left unacknowledged, redelivered after the heal.
+                    world.coverage["partition_drop"] += 1
+                    continue
+                if world.chance("drop", plan.drop):
+                    continue
+                out.append(delivery)
+                if world.chance("duplicate", plan.duplicate):
+                    out.append(delivery)
+            if out:
+                world.deliveries += len(out)
+                return out
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+class FaultyStore(EventStore):
+    """A node's view of the durable store: write failures and slow writes from the plan.
+
+    Reads always work; a failed write changes nothing (it fails before the store is touched),
+    a slow write waits on the node's clock first (a crash meanwhile means it never happened).
+    """
+
+    def __init__(self, world: World, node: Node) -> None:
+        self._world = world
+        self._node = node
+        self._inner = world.durable
+        self.url = self._inner.url
+
+    async def append_many(
+        self, requests: Sequence[AppendRequest], *, tracking: Tracking | None = None
+    ) -> list[list[int]]:
+        world = self._world
+        if world.faults_active:
+            plan = world.plan
+            if world.chance("store_fail", plan.store_fail):
+                raise StoreUnavailableError(
+                    f"simulated write failure on {self._node.name!r} (fault plan: store_fail)"
+                )
+            probability, seconds = plan.slow_write
+            if world.chance("slow_write", probability):
+                await self._node.clock.sleep(world.rng("slow_write_time").uniform(0.0, seconds))
+        return await self._inner.append_many(requests, tracking=tracking)
+
+    async def read(
+        self,
+        stream: str,
+        *,
+        from_version: int = 0,
+        to_version: int | None = None,
+        limit: int | None = None,
+        backwards: bool = False,
+    ) -> list[StoredEvent]:
+        return await self._inner.read(
+            stream,
+            from_version=from_version,
+            to_version=to_version,
+            limit=limit,
+            backwards=backwards,
+        )
+
+    async def read_all(
+        self,
+        *,
+        from_position: int = 1,
+        to_position: int | None = None,
+        limit: int | None = None,
+        topics: Sequence[str] = (),
+    ) -> list[StoredEvent]:
+        return await self._inner.read_all(
+            from_position=from_position, to_position=to_position, limit=limit, topics=topics
+        )
+
+    async def max_position(self) -> int:
+        return await self._inner.max_position()
+
+    async def stream_version(self, stream: str) -> int:
+        return await self._inner.stream_version(stream)
+
+    async def streams(self, *, prefix: str = "", limit: int = 100) -> list[StreamInfo]:
+        return await self._inner.streams(prefix=prefix, limit=limit)
+
+    async def stats(self) -> StoreStats:
+        return await self._inner.stats()
+
+    def _new_events_waiter(self) -> CommitWaiter:
+        return self._inner._new_events_waiter()
+
+    async def consumer_position(self, consumer: str) -> int | None:
+        return await self._inner.consumer_position(consumer)
+
+    async def has_processed(self, consumer: str, message_id: str) -> bool:
+        return await self._inner.has_processed(consumer, message_id)
+
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        await self._inner.save_snapshot(snapshot)
+
+    async def latest_snapshot(self, stream: str) -> Snapshot | None:
+        return await self._inner.latest_snapshot(stream)
+
+    async def close(self) -> None:
+        # The disk outlives the node.
+        return None
+
+
+def counts_as_json(counts: Mapping[str, int]) -> dict[str, JSONValue]:
+    return {key: int(value) for key, value in sorted(counts.items())}
