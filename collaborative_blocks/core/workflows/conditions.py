@@ -120,6 +120,7 @@ def _cel_path(segments: Sequence[str]) -> str:
 # A small CEL tokenizer: enough to find string literals, ``${...}`` and member chains.
 
 _Token = tuple[str, str]  # (kind, text); kinds: str, ident, num, tmpl, ws, punct
+_Path = tuple[str, ...]  # ("steps", "a", "output", "y")
 
 
 def _string_end(source: str, start: int, quote: str, raw: bool) -> int:
@@ -187,10 +188,14 @@ def _literal_key(token: _Token) -> str | None:
     return None
 
 
-def _member_chains(tokens: Sequence[_Token]) -> tuple[set[str], set[str]]:
-    """Dotted references of ``input``/``steps`` chains, and comprehension-bound names."""
+def _member_chains(tokens: Sequence[_Token]) -> tuple[set[_Path], set[str]]:
+    """The paths of ``input``/``steps`` member chains, and comprehension-bound names.
+
+    A chain stops at a method call or a computed index, so the path covers everything the
+    expression can reach through it.
+    """
     significant = [token for token in tokens if token[0] != "ws"]
-    references: set[str] = set()
+    references: set[_Path] = set()
     bound: set[str] = set()
     for index, (kind, text) in enumerate(significant):
         previous = significant[index - 1] if index else ("", "")
@@ -232,7 +237,7 @@ def _member_chains(tokens: Sequence[_Token]) -> tuple[set[str], set[str]]:
                 cursor += 3
                 continue
             break
-        references.add(".".join(segments))
+        references.add(tuple(segments))
     return references, bound
 
 
@@ -268,8 +273,28 @@ def validate_references(
     a field other than ``status``/``output``, or an input key not in ``inputs`` (when the
     definition declares its inputs).
     """
-    for reference in sorted(references):
-        segments = reference.split(".")
+    _validate_paths(
+        [tuple(reference.split(".")) for reference in references],
+        workflow_id=workflow_id,
+        step_id=step_id,
+        known_steps=known_steps,
+        upstream_steps=upstream_steps,
+        inputs=inputs,
+        what=what,
+    )
+
+
+def _validate_paths(
+    paths: Collection[_Path],
+    *,
+    workflow_id: str,
+    step_id: str,
+    known_steps: Collection[str],
+    upstream_steps: Collection[str],
+    inputs: Collection[str] | None,
+    what: str,
+) -> None:
+    for segments in sorted(paths):
         if segments[0] == "input":
             if inputs is not None and len(segments) > 1 and segments[1] not in inputs:
                 declared = ", ".join(sorted(inputs)) or "none"
@@ -333,8 +358,10 @@ class WorkflowScope:
     :meth:`set_step` when a step finishes (completed, skipped, failed, compensated...).
     :meth:`as_dict` is ``{"input": {...}, "steps": {step_id: {"status": ..., "output": ...}}}``.
 
-    CEL contexts are prebuilt and kept per set of steps a condition reads: a step finishing
-    only rebuilds the contexts of conditions that read it, the first time they are evaluated
+    CEL contexts are prebuilt per set of paths a condition reads and hold only the values
+    under those paths (CEL copies every intermediate map it selects through, so a condition
+    reading ``steps.a.output.y`` must not drag a large output along). A step finishing only
+    refreshes the contexts of conditions that read it, the first time they are evaluated
     afterwards; an evaluation on an unchanged scope costs about a microsecond.
 
     >>> scope = WorkflowScope({"x": 5})
@@ -350,7 +377,7 @@ class WorkflowScope:
         self._steps: dict[str, dict[str, JSONValue]] = {}
         self._step_versions: dict[str, int] = {}
         self._version = 0
-        self._contexts: dict[tuple[str, ...], _CachedContext] = {}
+        self._contexts: dict[tuple[_Path, ...], _CachedContext] = {}
 
     @property
     def input(self) -> Mapping[str, JSONValue]:
@@ -374,27 +401,33 @@ class WorkflowScope:
             "steps": {step_id: dict(entry) for step_id, entry in self._steps.items()},
         }
 
-    def context_for(self, step_ids: tuple[str, ...]) -> cel.Context:
-        """A CEL context holding ``input`` and the entries of ``step_ids`` (kept up to date)."""
-        cached = self._contexts.get(step_ids)
+    def _context_for(self, paths: tuple[_Path, ...], step_ids: tuple[str, ...]) -> cel.Context:
+        """A CEL context holding the values under ``paths`` (kept up to date)."""
+        cached = self._contexts.get(paths)
         if cached is not None and cached.scope_version == self._version:
             return cached.context
         versions = tuple(self._step_versions.get(step_id, 0) for step_id in step_ids)
         if cached is None:
+            input_paths = [path[1:] for path in paths if path[0] == "input"]
             cached = _CachedContext(
-                cel.Context(variables={"input": self._input, "steps": self._subset(step_ids)}),
+                cel.Context(
+                    variables={
+                        "input": _prune(self._input, input_paths),
+                        "steps": self._pruned_steps(paths),
+                    }
+                ),
                 self._version,
                 versions,
             )
-            self._contexts[step_ids] = cached
+            self._contexts[paths] = cached
         elif cached.step_versions != versions:
-            cached.context.add_variable("steps", self._subset(step_ids))
+            cached.context.add_variable("steps", self._pruned_steps(paths))
             cached.step_versions = versions
         cached.scope_version = self._version
         return cached.context
 
-    def _subset(self, step_ids: tuple[str, ...]) -> dict[str, dict[str, JSONValue]]:
-        return {step_id: self._steps[step_id] for step_id in step_ids if step_id in self._steps}
+    def _pruned_steps(self, paths: tuple[_Path, ...]) -> JSONValue:
+        return _prune(self._steps, [path[1:] for path in paths if path[0] == "steps"])
 
     def resolve(self, path: str) -> JSONValue:
         """The value at a ``${...}`` path (``"x"``, ``"input.x"``, ``"steps.a.output.y"``).
@@ -425,6 +458,20 @@ class WorkflowScope:
         return value
 
 
+def _prune(value: JSONValue, paths: Sequence[_Path]) -> JSONValue:
+    """The part of ``value`` that ``paths`` reach: maps keep only the keys on a path (absent
+    keys stay absent, so ``has()`` answers the same); a path's end, a list or a scalar is
+    kept whole."""
+    if not paths:
+        return {}
+    if any(not path for path in paths) or not isinstance(value, Mapping):
+        return value
+    groups: dict[str, list[_Path]] = {}
+    for path in paths:
+        groups.setdefault(path[0], []).append(path[1:])
+    return {key: _prune(value[key], rest) for key, rest in groups.items() if key in value}
+
+
 # --------------------------------------------------------------------------------------------
 # Conditions
 
@@ -438,6 +485,7 @@ class Condition:
     """
 
     __slots__ = (
+        "_paths",
         "_program",
         "_step_ids",
         "cel_source",
@@ -452,19 +500,20 @@ class Condition:
         *,
         source: str,
         cel_source: str,
-        references: frozenset[str],
+        paths: Collection[_Path],
         program: cel.Program,
         workflow_id: str,
         step_id: str,
     ) -> None:
         self.source = source
         self.cel_source = cel_source
-        self.references = references
+        self.references = frozenset(".".join(path) for path in paths)
         self.workflow_id = workflow_id
         self.step_id = step_id
         self._program = program
+        self._paths = tuple(sorted(set(paths)))
         self._step_ids = tuple(
-            sorted({ref.split(".")[1] for ref in references if ref.startswith("steps.")})
+            sorted({path[1] for path in paths if path[0] == "steps" and len(path) > 1})
         )
 
     def evaluate(self, scope: WorkflowScope) -> bool:
@@ -474,7 +523,7 @@ class Condition:
         missing key, a type mismatch) or the result is not a boolean.
         """
         try:
-            result = self._program.execute(scope.context_for(self._step_ids))
+            result = self._program.execute(scope._context_for(self._paths, self._step_ids))
         except Exception as exc:  # the CEL extension raises several builtin error types
             raise ConditionError(
                 f"condition {self.source!r} of step {self.step_id!r} in workflow "
@@ -552,7 +601,7 @@ def compile_condition(
                 f"{what} reads the unknown name {name!r}; read run input as ${{{name}}} or "
                 f"input.{name}, and step results as steps.<step_id>.output or .status",
             )
-    validate_references(
+    _validate_paths(
         references,
         workflow_id=workflow_id,
         step_id=step_id,
@@ -564,7 +613,7 @@ def compile_condition(
     return Condition(
         source=text,
         cel_source=cel_source,
-        references=frozenset(references),
+        paths=references,
         program=program,
         workflow_id=workflow_id,
         step_id=step_id,

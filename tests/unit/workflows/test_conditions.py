@@ -345,3 +345,23 @@ def test_template_references() -> None:
 def test_a_malformed_template_is_an_error(template: str) -> None:
     with pytest.raises(ConditionError):
         template_references(template)
+
+
+def test_conditions_reading_different_parts_of_one_output_see_the_same_values() -> None:
+    scope = WorkflowScope({"big": list(range(100)), "m": {"k": 1, "j": 2}})
+    scope.set_step("a", "completed", {"y": 5, "items": list(range(1000)), "map": {"p": 1}})
+    cases = {
+        "steps.a.output.y == 5": True,
+        "has(steps.a.output.nope)": False,
+        "has(steps.a.output.map.p) && !has(steps.a.output.map.q)": True,
+        "size(steps.a.output) == 3": True,
+        "'items' in steps.a.output && 'nope' in steps.a.output == false": True,
+        "size(steps.a.output.items) == 1000 && steps.a.output.items[999] == 999": True,
+        "(steps.a.output).map.p == 1": True,
+        "steps.a.output.map == {'p': 1}": True,
+        "size(input) == 2 && size(input.m) == 2": True,
+        "input.m.k == 1 && input.big[99] == 99": True,
+        "steps.a.output.items.filter(i, i > 997) == [998, 999]": True,
+    }
+    for text, expected in cases.items():
+        assert compile_(text).evaluate(scope) is expected, text
