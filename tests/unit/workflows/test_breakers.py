@@ -232,6 +232,20 @@ async def test_half_open_lets_the_permitted_trial_calls_through_and_no_more(
     refused(breaker)
 
 
+async def test_releases_of_calls_from_before_half_open_add_no_trial_permits(
+    clock: VirtualClock,
+) -> None:
+    breaker, _ = make(clock, permitted_calls_in_half_open=2)
+    for _ in range(3):
+        breaker.acquire()  # calls in flight while closed
+    await half_open(breaker, clock)  # takes the first of the two permits
+    for _ in range(3):
+        breaker.release()  # the old calls were cancelled; at most the one taken comes back
+    breaker.acquire()
+    breaker.acquire()
+    refused(breaker)
+
+
 async def test_half_open_closes_with_a_fresh_window_when_the_trial_went_well(
     clock: VirtualClock,
 ) -> None:
