@@ -1090,6 +1090,11 @@ def _step_from_dict(raw: object, workflow_id: str, index: int) -> WorkflowStep:
             workflow_id, label, f"{where} 'dependencies' must be step ids, got {dependencies!r}"
         )
     fields["dependencies"] = dependencies
+    if fields.get("retry_policy") is not None:
+        try:  # report a typo in the policy when the document is read, not later
+            RetryPolicy.from_value(fields["retry_policy"], default_max_retries=0)
+        except (RetryPolicyError, TypeError) as exc:
+            raise WorkflowDefinitionError(workflow_id, label, f"{where}: {exc}") from exc
     return WorkflowStep(**fields)
 
 

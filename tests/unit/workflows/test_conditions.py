@@ -75,6 +75,9 @@ def scope() -> WorkflowScope:
         # ${ inside a CEL string literal is text, not a placeholder.
         ("${variable} != '${variable}'", "input.variable != '${variable}'"),
         ('${variable} != "${x}"', 'input.variable != "${x}"'),
+        ("${variable} != '''${x}'''", "input.variable != '''${x}'''"),
+        (r"${variable} != 'it\'s ${x}'", r"input.variable != 'it\'s ${x}'"),
+        (r"${variable} != r'\${x}' + ${x}", r"input.variable != r'\${x}' + input.x"),
         ("input.count > 1", "input.count > 1"),
     ],
 )

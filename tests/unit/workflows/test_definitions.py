@@ -433,6 +433,8 @@ def _document(**step_fields: Any) -> dict[str, Any]:
         (_document(optional="yes"), "s1", "'optional' must be true or false"),
         (_document(parameters=[1, 2]), "s1", "'parameters' must be a mapping"),
         (_document(retry_policy=3), "s1", "'retry_policy' must be a mapping"),
+        (_document(retry_policy={"max_retry": 3}), "s1", "unknown key.*'max_retry'"),
+        (_document(retry_policy={"max_retries": 3, "jitter": 5}), "s1", "jitter"),
         ({"workflow_id": "doc", "steps": [{"id": "s1", "action": "a"}]}, "s1", "'system_target'"),
         ({"workflow_id": "doc", "steps": ["s1"]}, None, "steps\\[0\\] must be a mapping"),
         ({"workflow_id": "doc", "steps": {"s1": {}}}, None, "'steps' must be a list"),
