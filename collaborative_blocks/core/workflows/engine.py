@@ -1260,7 +1260,7 @@ class WorkflowCoordinationEngine:
                         timeout=timeout,
                         message_id=message_id,
                         headers=headers,
-                        key=f"{run.run_id}:{step_id}",
+                        key=message_id,  # per attempt: a retry never queues behind a stuck attempt
                     )
                 except asyncio.CancelledError:
                     breaker.release()
@@ -1392,7 +1392,7 @@ class WorkflowCoordinationEngine:
                         timeout=timeout,
                         message_id=message_id,
                         headers=headers,
-                        key=f"{run.run_id}:{step_id}",
+                        key=message_id,
                     )
                 except ConditionError as error:
                     error_type, detail = "ConditionError", str(error)
