@@ -760,6 +760,7 @@ class WorkflowDefinition:
             self._check_templates(step, upstream[step_id])
         for rule in self.rules:
             rule.validate(workflow_id, self.steps)
+            self._check_rule_templates(rule, upstream)
         snapshot = WorkflowDefinition(
             workflow_id,
             self.name,
@@ -939,6 +940,34 @@ class WorkflowDefinition:
                 upstream_steps=allowed,
                 inputs=self.inputs,
                 what=f"a template in {name}",
+            )
+
+    def _check_rule_templates(
+        self, rule: AdaptationRule, upstream: Mapping[str, frozenset[str]]
+    ) -> None:
+        """``set_parameters`` values may be templates: check them against every step the rule
+        can apply to, as if they were that step's parameters."""
+        if rule.parameters is None:
+            return
+        what = f"a template in rule {rule.rule_id!r} parameters"
+        try:
+            references = template_references(rule.parameters)
+        except ConditionError as exc:
+            raise WorkflowDefinitionError(
+                self.workflow_id, None, f"rule {rule.rule_id!r} parameters: {exc}"
+            ) from exc
+        if not references:
+            return
+        applies = [rule.step_id] if rule.step_id is not None else list(self.steps)
+        for step_id in applies:
+            validate_references(
+                references,
+                workflow_id=self.workflow_id,
+                step_id=step_id,
+                known_steps=self.steps.keys(),
+                upstream_steps=upstream[step_id],
+                inputs=self.inputs,
+                what=what,
             )
 
     # -- documents ------------------------------------------------------------------------------

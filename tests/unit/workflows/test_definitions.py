@@ -523,3 +523,20 @@ def test_fingerprint_ignores_dict_order() -> None:
     two = workflow(step("a", parameters={"y": {"q": 2, "p": 1}, "x": 1}, retry_policy=None))
     assert one.compile().fingerprint == two.compile().fingerprint
     assert len(one.fingerprint()) == 64
+
+
+def test_rule_parameter_templates_are_checked_for_the_steps_they_apply_to() -> None:
+    def rule(**fields: Any) -> AdaptationRule:
+        return AdaptationRule(
+            "slow", RuleTrigger.STEP_SLOWER_THAN, RuleAction.SET_PARAMETERS, threshold=1, **fields
+        )
+
+    ok = rule(step_id="b", parameters={"hint": "${steps.a.output.hint}", "n": "${n}"})
+    workflow(step("a"), step("b", "a"), rules=[ok]).compile()
+    every_step = rule(parameters={"hint": "${steps.a.output.hint}"})
+    with pytest.raises(WorkflowDefinitionError, match=r"rule 'slow' parameters.*not upstream"):
+        workflow(step("a"), step("b", "a"), rules=[every_step]).compile()
+    with pytest.raises(WorkflowDefinitionError, match="input 'm'"):
+        workflow(step("a"), rules=[rule(parameters={"x": "${m}"})], inputs=["n"]).compile()
+    with pytest.raises(WorkflowDefinitionError, match=r"rule 'slow' parameters: .*closing"):
+        workflow(step("a"), rules=[rule(parameters={"x": "${m"})]).compile()
