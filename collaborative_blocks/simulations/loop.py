@@ -141,30 +141,25 @@ class SimulationLoop(asyncio.BaseEventLoop):
                 handle._run()
 
     def _reorder(self, ready: deque[Any], count: int) -> None:
-        """Interleave the ready callbacks of different tasks in a seeded random order.
+        """Run the ready steps of different tasks in a seeded random order.
 
-        Callbacks that belong to the same task (by their bound ``__self__``) keep their
-        order, and so do all callbacks that belong to no task (futures' done callbacks,
-        ``call_soon`` functions), since code may rely on asyncio's FIFO among those.
+        A task has at most one callback ready at a time (its step, or the wake-up that runs
+        its step), so permuting the tasks' callbacks among their positions keeps each task's
+        own order. Callbacks that belong to no task (futures' done callbacks, ``call_soon``
+        functions) keep their positions and FIFO order, since code may rely on that.
         """
         batch = [ready.popleft() for _ in range(count)]
-        rnd = self._rng.random
-        keys: dict[int, float] = {}
-        loose = rnd()
-        decorated = []
-        for position, handle in enumerate(batch):
-            owner = getattr(handle._callback, "__self__", None)
-            if isinstance(owner, asyncio.Task):
-                ident = id(owner)
-                key = keys.get(ident)
-                if key is None:
-                    key = keys[ident] = rnd()
-            else:
-                key = loose
-            decorated.append((key, position, handle))
-        decorated.sort(key=_first_two)
-        ready.extend([entry[2] for entry in decorated])
-        # Callbacks queued after this batch (there are none yet) would come after it.
+        positions = [
+            i
+            for i, handle in enumerate(batch)
+            if type(getattr(handle._callback, "__self__", None)) is asyncio.Task
+        ]
+        if len(positions) > 1:
+            steps = [batch[i] for i in positions]
+            self._rng.shuffle(steps)
+            for i, handle in zip(positions, steps, strict=True):
+                batch[i] = handle
+        ready.extend(batch)
 
     # -- refusing non-determinism ------------------------------------------------------------
 
@@ -225,10 +220,6 @@ class SimulationLoop(asyncio.BaseEventLoop):
 
     async def shutdown_default_executor(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
         return None
-
-
-def _first_two(entry: tuple[float, int, asyncio.Handle]) -> tuple[float, int]:
-    return entry[0], entry[1]
 
 
 class SimClock:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import enum
 import random
 from collections import Counter
@@ -394,18 +395,24 @@ class World:
 
         return handle
 
-    def later(self, delay: float, coro: Coroutine[Any, Any, None]) -> None:
-        """Run ``coro`` on the network after ``delay`` simulated seconds."""
+    def deliver_later(self, delay: float, subject: str, message: Message | bytes) -> None:
+        """Hand ``message`` to the network's ``subject`` after ``delay`` simulated seconds
+        (a timer, not a task: this runs for most messages of a run with delays)."""
+        self.delayed += 1
+        self.loop.call_at(self.loop._now + delay, self._arrive, subject, message)
 
-        async def run() -> None:
+    def _arrive(self, subject: str, message: Message | bytes) -> None:
+        if self.network.publish_nowait(subject, message):
+            self.delayed -= 1
+            return
+
+        async def wait_for_room() -> None:
             try:
-                await self.clock.sleep(delay)
-                await coro
+                await self.network.publish(subject, message)
             finally:
                 self.delayed -= 1
 
-        self.delayed += 1
-        self.spawn(run(), name="network delay")
+        self.spawn(wait_for_room(), name="network backpressure")
 
     @property
     def crashed(self) -> int:
@@ -419,7 +426,12 @@ class FaultyTransport:
         self._world = world
         self._node = node
         self._inner = world.network
-        self.capabilities = self._inner.capabilities
+        # The network is one server all nodes share, and it never crashes: like Redis or
+        # NATS, it keeps messages for targets served by other processes and redelivers a
+        # dead consumer's deliveries to the next one.
+        # (survives_consumer_crash stays False only because the broker then acknowledges
+        # inline instead of in a background task: an in-memory ack has no round trip.)
+        self.capabilities = dataclasses.replace(self._inner.capabilities, durable=True)
         self.url = self._inner.url
 
     async def publish(self, subject: str, message: Message | bytes) -> None:
@@ -435,7 +447,7 @@ class FaultyTransport:
                 delay += world.rng("reorder").uniform(0.0, REORDER_WINDOW)
             if delay > 0:
                 # In the network now: the sender's crash no longer affects it.
-                world.later(delay, self._inner.publish(subject, message))
+                world.deliver_later(delay, subject, message)
                 return
         await self._inner.publish(subject, message)
 

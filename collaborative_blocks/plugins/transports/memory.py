@@ -310,6 +310,24 @@ class MemoryTransport:
         for group in target.groups.values():
             group.wakeup.set()
 
+    def publish_nowait(self, subject: str, message: Message | bytes) -> bool:
+        """:meth:`publish` without waiting: False (nothing published) when the subject's
+        backlog is full, so the caller must fall back to ``await publish(...)``. For callers
+        that deliver from a timer callback (the chaos simulator's network delays)."""
+        if self._closed:
+            raise TransportUnavailableError(f"transport {self.url} is closed")
+        target = self._subjects.get(subject) or self._subject(subject)
+        if not target.groups:
+            target.next_seq += 1
+            return True
+        if len(target.entries) >= self._max_backlog:
+            return False
+        target.entries.append(_Entry(target.next_seq, message))
+        target.next_seq += 1
+        for group in target.groups.values():
+            group.wakeup.set()
+        return True
+
     async def subscribe(
         self,
         subject: str,

@@ -118,7 +118,21 @@ def _as_instance(item: Any, plugin: str) -> Scenario:
     )
 
 
+# Looking scenarios up builds a plugin manager (entry points included): done once per set of
+# plugins, not once per run of a thousand seeds. Scenarios keep per-run state on the world,
+# so sharing the instances between runs is safe.
+_cache: dict[tuple[str, ...], dict[str, Scenario]] = {}
+
+
 def _all(plugins: Sequence[str]) -> dict[str, Scenario]:
+    key = tuple(plugins)
+    found = _cache.get(key)
+    if found is None:
+        found = _cache[key] = _collect(key)
+    return found
+
+
+def _collect(plugins: Sequence[str]) -> dict[str, Scenario]:
     found: dict[str, Scenario] = {}
     owners: dict[str, str] = {}
     for name, path in BUILTIN_SCENARIOS.items():

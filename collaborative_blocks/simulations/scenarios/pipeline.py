@@ -13,6 +13,7 @@ stage always fails on them) and must be dead-lettered. Invariants:
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -57,9 +58,10 @@ class PipelineScenario(Scenario):
     safety_seconds = 15.0
     liveness_seconds = 120.0
     #: Jobs published in the safety phase, and every how many a poison one comes.
-    jobs = 60
-    poison_every = 20
-    publish_interval = 0.2
+    jobs = 600
+    burst = 20
+    poison_every = 100
+    publish_interval = 0.4
 
     async def start_node(self, world: World, node: Node) -> None:
         if node.name == "stage":
@@ -104,25 +106,29 @@ class PipelineScenario(Scenario):
             if not producer.up:
                 await world.clock.sleep(0.5)
                 continue
-            poison = n % self.poison_every == self.poison_every // 2
-            job = {"n": n, "poison": poison}
-            message = Message(
-                MessageType.EVENT,
-                "job.created",
-                job,
-                source="producer",
-                key=str(n),
-                guarantee=DeliveryGuarantee.AT_LEAST_ONCE,
-            )
-
-            async def publish(message: Message = message) -> Any:
-                sent = await producer.call(producer.broker.publish(message))
-                payload: Any = sent.payload
-                return {**payload, "id": sent.id}
-
-            await world.operation("producer", "publish", job, publish)
-            n += 1
+            # A burst of concurrent publishes, as a busy producer makes them.
+            burst = range(n, min(n + self.burst, self.jobs))
+            await asyncio.gather(*(self._publish(world, producer, i) for i in burst))
+            n = burst.stop
             await world.clock.sleep(self.publish_interval)
+
+    async def _publish(self, world: World, producer: Node, n: int) -> None:
+        poison = n % self.poison_every == self.poison_every // 2
+        job: dict[str, JSONValue] = {"n": n, "poison": poison}
+        message = Message(
+            MessageType.EVENT,
+            "job.created",
+            job,
+            source="producer",
+            key=str(n),
+            guarantee=DeliveryGuarantee.AT_LEAST_ONCE,
+        )
+
+        async def publish() -> JSONValue:
+            sent = await producer.call(producer.broker.publish(message))
+            return {**job, "id": sent.id}
+
+        await world.operation("producer", "publish", job, publish)
 
     async def _outcome(self, world: World) -> tuple[set[int], set[int]]:
         processed = {int(json.loads(e.state)["n"]) for e in await world.durable.read(SINK_STREAM)}
