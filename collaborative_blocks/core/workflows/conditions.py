@@ -440,7 +440,7 @@ class WorkflowScope:
     def _resolve(self, segments: tuple[str, ...], path: str) -> JSONValue:
         value: JSONValue = self._input if segments[0] == "input" else self._steps
         for depth, segment in enumerate(segments[1:], start=1):
-            if isinstance(value, Mapping) and segment in value:
+            if (type(value) is dict or isinstance(value, Mapping)) and segment in value:
                 value = value[segment]
             elif (
                 isinstance(value, Sequence)
@@ -663,25 +663,36 @@ def render_parameters(template: JSONValue, scope: WorkflowScope) -> JSONValue:
     >>> render_parameters({"n": "${count}", "greeting": "hi ${name}", "k": [1, "${count}"]}, scope)
     {'n': 3, 'greeting': 'hi ada', 'k': [1, 3]}
     """
+    # Concrete types first: isinstance against the Mapping/Sequence ABCs costs far more.
     if isinstance(template, str):
-        if "$" not in template:
-            return template
-        parts = _parse_template(template)
-        first = parts[0] if len(parts) == 1 else None
-        if isinstance(first, tuple) and template.startswith("${"):
-            return copy.deepcopy(scope._resolve(first[1], first[0]))
-        rendered: list[str] = []
-        for part in parts:
-            if isinstance(part, str):
-                rendered.append(part)
-            else:
-                rendered.append(_format_embedded(scope._resolve(part[1], part[0])))
-        return "".join(rendered)
+        return _render_string(template, scope)
+    if isinstance(template, dict):
+        return {key: render_parameters(value, scope) for key, value in template.items()}
+    if isinstance(template, list):
+        return [render_parameters(value, scope) for value in template]
+    if template is None or isinstance(template, int | float):
+        return template
     if isinstance(template, Mapping):
         return {key: render_parameters(value, scope) for key, value in template.items()}
-    if isinstance(template, Sequence):
-        return [render_parameters(value, scope) for value in template]
-    return template
+    return [render_parameters(value, scope) for value in template]  # another sequence
+
+
+def _render_string(template: str, scope: WorkflowScope) -> JSONValue:
+    if "${" not in template:
+        return template
+    parts = _parse_template(template)
+    first = parts[0] if len(parts) == 1 else None
+    if isinstance(first, tuple) and template.startswith("${"):
+        value = scope._resolve(first[1], first[0])
+        # A copy, so a step's parameters never alias another step's output.
+        return copy.deepcopy(value) if isinstance(value, dict | list) else value
+    rendered: list[str] = []
+    for part in parts:
+        if isinstance(part, str):
+            rendered.append(part)
+        else:
+            rendered.append(_format_embedded(scope._resolve(part[1], part[0])))
+    return "".join(rendered)
 
 
 def template_references(template: JSONValue) -> frozenset[str]:

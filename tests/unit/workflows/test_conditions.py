@@ -368,3 +368,10 @@ def test_conditions_reading_different_parts_of_one_output_see_the_same_values() 
     }
     for text, expected in cases.items():
         assert compile_(text).evaluate(scope) is expected, text
+
+
+def test_other_mappings_and_sequences_render_as_dicts_and_lists(scope: WorkflowScope) -> None:
+    from types import MappingProxyType
+
+    template = MappingProxyType({"t": ("${count}", "x")})
+    assert render_parameters(template, scope) == {"t": [3, "x"]}
