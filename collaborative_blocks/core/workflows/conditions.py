@@ -38,6 +38,7 @@ type. ``$${`` renders a literal ``${``.
 from __future__ import annotations
 
 import copy
+import enum
 import json
 import re
 from collections.abc import Collection, Mapping, Sequence
@@ -386,7 +387,8 @@ class WorkflowScope:
 
     def set_step(self, step_id: str, status: str, output: JSONValue) -> None:
         """Record a step's status (a ``StepStatus`` value) and output (``None`` if none)."""
-        self._steps[step_id] = {"status": str(status), "output": output}
+        value = status.value if isinstance(status, enum.Enum) else status
+        self._steps[step_id] = {"status": str(value), "output": output}
         self._version += 1
         self._step_versions[step_id] = self._version
 

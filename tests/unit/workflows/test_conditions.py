@@ -375,3 +375,15 @@ def test_other_mappings_and_sequences_render_as_dicts_and_lists(scope: WorkflowS
 
     template = MappingProxyType({"t": ("${count}", "x")})
     assert render_parameters(template, scope) == {"t": [3, "x"]}
+
+
+def test_a_status_given_as_an_enum_member_is_stored_as_its_value() -> None:
+    import enum
+
+    class Status(str, enum.Enum):  # noqa: UP042 - a plain str mixin, whose str() is not the value
+        DONE = "completed"
+
+    scope = WorkflowScope({})
+    scope.set_step("a", Status.DONE, None)
+    assert scope.step("a") == {"status": "completed", "output": None}
+    assert compile_("steps.a.status == 'completed'").evaluate(scope) is True
