@@ -446,6 +446,7 @@ class CircuitBreaker:
         self.name = name
         self.config = config
         self._clock = clock
+        self._monotonic = clock.monotonic  # bound once: the fail-fast path reads it
         self._listener = listener
         self._state = _CLOSED
         self._not_permitted = 0
@@ -499,7 +500,7 @@ class CircuitBreaker:
             return
         if state is _OPEN:
             # The hot fail-fast path: an attribute check and one clock read, no machine.
-            now = self._clock.monotonic()
+            now = self._monotonic()
             if now < self._open_until:
                 self._not_permitted += 1
                 raise CircuitOpenError(self.name, self._open_until - now)
