@@ -465,6 +465,9 @@ class CircuitBreaker:
         self._minimum = self._closed_minimum
         self._classes: dict[str, int] = {}
 
+    def __repr__(self) -> str:
+        return f"CircuitBreaker({self.name!r}, state={self._state.value})"
+
     # -- reading ---------------------------------------------------------------------------
 
     @property
@@ -480,12 +483,18 @@ class CircuitBreaker:
         return BreakerMetrics(failure_rate, slow_rate, calls, failed, slow, self._not_permitted)
 
     def retry_after(self) -> float:
-        """Seconds until a call may be permitted (0.0 when one would be now)."""
+        """Seconds until a call may be permitted (0.0 when one would be now).
+
+        Ask this, not ``state is OPEN``, to decide whether to route around the target: an
+        OPEN breaker whose wait has passed stays OPEN until a call reaches it."""
         if self._state is _CLOSED:
             return 0.0
         now = self._clock.monotonic()
         if self._state is _OPEN:
             return max(self._open_until - now, 0.0)
+        limit = self.config.max_wait_in_half_open
+        if limit > 0 and now - self._half_open_since >= limit:
+            return self.config.wait_duration_in_open  # the next call opens it again
         if self._permits > 0:
             return 0.0
         return self._half_open_retry_after(now)

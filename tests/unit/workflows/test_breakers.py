@@ -72,6 +72,7 @@ def clock() -> VirtualClock:
 def test_the_lifecycle_is_one_transitions_machine_for_the_class(clock: VirtualClock) -> None:
     a, _ = make(clock)
     b, _ = make(clock)
+    assert repr(a) == "CircuitBreaker('payments', state=closed)"
     assert a.lifecycle is b.lifecycle is CircuitBreaker.lifecycle
     lifecycle = CircuitBreaker.lifecycle
     assert lifecycle.allowed(CLOSED) == ["force_open", "trip"]
@@ -282,8 +283,10 @@ async def test_half_open_opens_when_the_trial_outlasts_max_wait(clock: VirtualCl
     await half_open(breaker, clock)
     breaker.acquire()
     assert refused(breaker).retry_after == pytest.approx(5.0)  # until the trial's end
+    assert breaker.retry_after() == pytest.approx(5.0)
     await clock.advance(5)
-    refused(breaker)
+    assert breaker.retry_after() == 60.0  # the next call finds the trial expired
+    assert refused(breaker).retry_after == 60.0
     assert breaker.state is OPEN
     assert "max_wait_in_half_open" in seen[-1].reason
 
