@@ -89,6 +89,19 @@ class Model:
         limit = self.config.max_wait_in_half_open
         return limit > 0 and now - self.half_open_since >= limit
 
+    def retry_after(self, now: float) -> float:
+        if self.state is CLOSED:
+            return 0.0
+        if self.state is OPEN:
+            return max(self.open_until - now, 0.0)
+        if self.half_open_expired(now):
+            return self.config.wait_duration_in_open
+        if self.permits:
+            return 0.0
+        if self.config.max_wait_in_half_open > 0:
+            return self.half_open_since + self.config.max_wait_in_half_open - now
+        return min(SLOW, self.config.wait_duration_in_open)
+
     def acquire(self, now: float) -> float | None:
         """None when permitted, else the retry_after the refusal should carry."""
         if self.state is CLOSED:
@@ -235,6 +248,7 @@ async def run(config: BreakerConfig, ops: list[tuple[object, ...]]) -> None:
         metrics = breaker.metrics()
         assert (metrics.calls, metrics.failed, metrics.slow) == model.counts(now)
         assert metrics.not_permitted == model.not_permitted
+        assert breaker.retry_after() == model.retry_after(now)
         if metrics.calls >= model.minimum():
             assert metrics.failure_rate == metrics.failed * 100 / metrics.calls
         else:
