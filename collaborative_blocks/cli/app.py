@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from collaborative_blocks.cli import bench, demo, dlq, events, plugins
+from collaborative_blocks.cli import bench, chaos, demo, dlq, events, plugins, workflow
 from collaborative_blocks.cli._common import CliState, guarded
 
 app = typer.Typer(
@@ -42,5 +42,7 @@ def root(
 app.add_typer(events.app, name="events")
 app.add_typer(bench.app, name="bench")
 app.add_typer(dlq.app, name="dlq")
+app.add_typer(workflow.app, name="workflow")
+app.add_typer(chaos.app, name="chaos")
 app.command("plugins")(plugins.plugins_command)
 app.command("demo")(demo.demo_command)
