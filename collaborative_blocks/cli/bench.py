@@ -339,3 +339,46 @@ def sync_command(
         as_json=as_json,
         markdown=markdown,
     )
+
+
+@app.command("workflow")
+def workflow_command(
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+    markdown: Annotated[
+        bool, typer.Option("--markdown", help="Print the table as Markdown (for the docs).")
+    ] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="Tiny sizes, one round (tests).")] = False,
+    rounds: Annotated[
+        int | None,
+        typer.Option(min=1, help="Interleaved rounds per case (default 5; 1 with --quick)."),
+    ] = None,
+) -> None:
+    """Workflows: engine overhead per step vs plain asyncio, durable steps/s on SQLite,
+    condition evaluation and open-breaker fail-fast costs (issue 5 targets)."""
+    from collaborative_blocks.bench import workflow as bench
+
+    options: dict[str, Any] = {}
+    if rounds is not None:
+        options["rounds"] = rounds
+    cfg = (
+        bench.WorkflowBenchConfig.quick(**options)
+        if quick
+        else bench.WorkflowBenchConfig(**options)
+    )
+    _run_and_report(
+        "workflow",
+        lambda progress: bench.run_workflow_bench(cfg, progress),
+        planned=bench.planned_measurements(cfg),
+        rounds_label=f"{cfg.rounds} interleaved round(s)",
+        config={
+            "rounds": cfg.rounds,
+            "quick": quick,
+            "runs": cfg.runs,
+            "durable_runs": cfg.durable_runs,
+            "concurrency": cfg.concurrency,
+            "evaluations": cfg.evaluations,
+        },
+        as_json=as_json,
+        markdown=markdown,
+        sqlite_in_header=True,
+    )
