@@ -493,18 +493,19 @@ def list_command(
             ]
         )
         return
-    table = Table(title="chaos scenarios")
-    table.add_column("scenario", style="bold")
-    table.add_column("description", ratio=3)
-    table.add_column("invariants", ratio=2)
-    table.add_column("default faults", ratio=2, overflow="fold")
-    table.add_column("required coverage", ratio=1)
+    table = Table(
+        title="chaos scenarios", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True
+    )
+    # Names and fault entries stay whole; the description wraps in the width that is left.
+    table.add_column("scenario", min_width=20, ratio=1)
+    table.add_column("invariants", no_wrap=True)
+    table.add_column("default faults", no_wrap=True)
+    table.add_column("must cover", no_wrap=True)
     for s in scenarios:
         table.add_row(
-            escape(s.name),
-            escape(s.description),
+            f"[bold]{escape(s.name)}[/]\n[dim]{escape(s.description)}[/]",
             "\n".join(escape(i) for i in s.invariants) or "-",
-            escape(s.default_faults or "none"),
+            escape((s.default_faults or "none").replace(",", "\n")),
             "\n".join(escape(c) for c in s.required_coverage) or "-",
             end_section=True,
         )

@@ -317,7 +317,11 @@ def _scenario_section(
         f"<h2>Scenario {_e(summary.scenario)}</h2>",
         "<h3>Fault plan</h3>",
     ]
-    parts += [f"<pre class='faults'>{_e(spec or '(none)')}</pre>" for spec in summary.faults]
+    # One entry per line: a plan is read entry by entry (docs/chaos.md has the grammar).
+    parts += [
+        f"<pre class='faults'>{_e((spec or 'none').replace(',', chr(10)))}</pre>"
+        for spec in summary.faults
+    ]
     parts.append(
         f"<h3>Timeline of seed {shown.seed} ({why})</h3>"
         f"<p class='dim'>digest <code>{_e(shown.digest)}</code>; "
@@ -374,9 +378,9 @@ def _timeline_figure(result: SimulationResult) -> Any:
         vertical_spacing=0.05,
         subplot_titles=(
             "messages in flight",
-            "deliveries, redeliveries, dead letters",
-            "network drops and duplicates",
-            "violations, crashed nodes",
+            "deliveries, redeliveries, dead letters (running totals)",
+            "network drops and duplicates (running totals)",
+            "violations witnessed so far, crashed nodes",
         ),
     )
     series: list[tuple[int, str, list[float]]] = [
@@ -402,7 +406,9 @@ def _timeline_figure(result: SimulationResult) -> Any:
     for label, color, flags in shades:
         for i, (x0, x1) in enumerate(_intervals(samples, flags)):
             for row in range(1, 5):
-                # Labelled once, on the top plot; the others only shaded.
+                # Labelled once, on the top plot; the others only shaded (plotly draws a
+                # "new text" placeholder for an annotation argument without text).
+                label_it = i == 0 and row == 1
                 fig.add_vrect(
                     x0=x0,
                     x1=x1 if x1 > x0 else x0 + 0.5,
@@ -411,8 +417,11 @@ def _timeline_figure(result: SimulationResult) -> Any:
                     layer="below",
                     row=row,
                     col=1,
-                    annotation_text=label if i == 0 and row == 1 else None,
-                    annotation_position="top left",
+                    **(
+                        {"annotation_text": label, "annotation_position": "top left"}
+                        if label_it
+                        else {}
+                    ),
                 )
     for phase, when in sorted(result.phase_ends.items(), key=lambda item: item[1]):
         for row in range(1, 5):
@@ -422,8 +431,11 @@ def _timeline_figure(result: SimulationResult) -> Any:
                 line_color="#555",
                 row=row,
                 col=1,
-                annotation_text=f"end of {_e(phase)}" if row == 1 else None,
-                annotation_position="top right",
+                **(
+                    {"annotation_text": f"end of {_e(phase)}", "annotation_position": "top right"}
+                    if row == 1
+                    else {}
+                ),
             )
     fig.update_xaxes(title_text="simulated seconds", row=4, col=1)
     fig.update_layout(

@@ -4,7 +4,6 @@ failing runs' witnesses and replay commands, and nothing a scenario name could i
 from __future__ import annotations
 
 import json
-import re
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -66,6 +65,16 @@ class Page(HTMLParser):
             self.pre.append(data)
         else:
             self.text.append(data)
+
+
+def figure(script: str) -> tuple[list[dict[str, object]], dict[str, object]]:
+    """The data and layout a ``Plotly.newPlot(id, data, layout, config)`` script draws."""
+    decoder = json.JSONDecoder()
+    start = script.index("Plotly.newPlot(")
+    start = script.index(",", start) + 1
+    data, end = decoder.raw_decode(script, start + 1)
+    layout, _ = decoder.raw_decode(script, script.index(",", end) + 2)
+    return data, layout
 
 
 def parse(text: str) -> Page:
@@ -150,9 +159,17 @@ def test_report_is_one_well_formed_file_with_plots_per_scenario(tmp_path: Path) 
     assert "partition" in draw["timeline-0"]
     assert "crash" in draw["timeline-0"]
     assert "end of safety" in draw["timeline-0"]
+    # Eight series; every annotation has a text (plotly.js shows "new text" for one without):
+    # four subplot titles, one partition label, one crash label, the ends of two phases.
+    data, layout = figure(draw["timeline-0"])
+    assert len(data) == 8
+    annotations = layout["annotations"]
+    assert isinstance(annotations, list)
+    assert all(a.get("text") for a in annotations)
+    assert len(annotations) == 4 + 2 + 2
     # Deliveries per seed: 100..103 for transfers.
-    histogram = json.loads(re.search(r'"x":(\[[^\]]*\])', draw["deliveries-0"]).group(1))  # type: ignore[union-attr]
-    assert histogram == [100, 101, 102, 103]
+    data, _ = figure(draw["deliveries-0"])
+    assert data[0]["x"] == [100, 101, 102, 103]
 
 
 def test_failing_run_shows_witness_missing_coverage_and_replay_command(tmp_path: Path) -> None:
