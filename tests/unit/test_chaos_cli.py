@@ -8,17 +8,24 @@ tiny scenario from a test plugin and on the built-in scenarios.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import shlex
+import sys
+import types
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
+from collaborative_blocks import hookimpl
 from collaborative_blocks.cli import app
 from collaborative_blocks.cli import chaos as chaos_cli
+from collaborative_blocks.core.messaging import Message, MessageType
 from collaborative_blocks.errors import UnknownScenarioError
 from collaborative_blocks.simulations import FaultPlan
+from collaborative_blocks.simulations.checkers import Checker, FunctionChecker, reads
 from collaborative_blocks.simulations.results import (
     History,
     OpType,
@@ -26,6 +33,8 @@ from collaborative_blocks.simulations.results import (
     SimulationResult,
     Violation,
 )
+from collaborative_blocks.simulations.scenarios import Scenario
+from collaborative_blocks.simulations.world import Node, Phase, World
 
 runner = CliRunner()
 
@@ -322,3 +331,143 @@ def test_help_lists_the_chaos_commands() -> None:
     assert code == 0
     for name in ("run", "replay", "list"):
         assert name in out
+
+
+# --- the real simulator ----------------------------------------------------------------
+
+PLUGIN = "cb_chaos_cli_test_plugin"
+
+
+class PingOnceScenario(Scenario):
+    """A planted bug: an AT_LEAST_ONCE handler without deduplication, checked for exactly-once
+    effects. A seed whose faults duplicate a delivery fails; the others pass."""
+
+    name = "ping-once"
+    description = "every ping is handled exactly once (it is not: nothing deduplicates)"
+    default_faults = "duplicate=0.05"
+    invariants = ("handled_once",)
+    nodes = ("client", "server")
+    safety_seconds = 5.0
+    liveness_seconds = 10.0
+
+    async def setup(self, world: World) -> None:
+        world.scenario_state["handled"] = {}
+
+    async def start_node(self, world: World, node: Node) -> None:
+        if node.name == "server":
+
+            async def handle(message: Message) -> None:
+                handled = world.scenario_state["handled"]
+                assert isinstance(message.payload, dict)
+                n = message.payload["n"]
+                handled[n] = handled.get(n, 0) + 1
+
+            await node.broker.subscribe("ping", handle, group="server")
+
+    async def workload(self, world: World, phase: Phase) -> None:
+        if phase is not Phase.SAFETY:
+            return
+        client = world.node("client")
+        for n in range(8):
+            message = Message(MessageType.EVENT, "ping", {"n": n}, source="client")
+
+            async def publish(m: Message = message) -> None:
+                await client.call(client.broker.publish(m))
+
+            await world.operation("client", "ping", n, publish)
+
+    async def settled(self, world: World) -> bool:
+        return world.network.in_flight() == 0
+
+    async def final_reads(self, world: World) -> dict[str, Any]:
+        handled = {str(n): c for n, c in sorted(world.scenario_state["handled"].items())}
+        world.record("server", OpType.OK, "read", handled)
+        return {"handled": handled}
+
+    def checkers(self) -> Sequence[Checker]:
+        def handled_once(history: History, facts: Mapping[str, Any]) -> list[Violation]:
+            final = reads(history)[-1]
+            assert isinstance(final.value, dict)
+            found = []
+            for op in history:
+                if op.f == "ping" and op.type is OpType.INVOKE:
+                    count = final.value.get(str(op.value), 0)
+                    if count != 1:
+                        found.append(
+                            Violation(
+                                "handled_once",
+                                f"ping {op.value} handled {count} times",
+                                (op, final),
+                            )
+                        )
+            return found
+
+        return [FunctionChecker("handled_once", handled_once)]
+
+
+@hookimpl
+def cb_chaos_scenarios() -> list[type[Scenario]]:
+    return [PingOnceScenario]
+
+
+@pytest.fixture
+def plugin_module(monkeypatch: pytest.MonkeyPatch) -> str:
+    module = types.ModuleType(PLUGIN)
+    module.cb_chaos_scenarios = cb_chaos_scenarios  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, PLUGIN, module)
+    return PLUGIN
+
+
+def test_a_plugin_scenario_fails_and_its_replay_command_reproduces_it(plugin_module: str) -> None:
+    code, out, _ = cblocks("chaos", "run", "-p", plugin_module, "-s", "ping-once", "--json")
+    assert code == 1
+    runs = json.loads(out)["runs"]
+    assert len(runs) == chaos_cli.DEFAULT_SEEDS
+    failing = [r for r in runs if not r["ok"]]
+    passing = [r for r in runs if r["ok"]]
+    assert failing, "duplicate=0.05 never duplicated a ping in 20 seeds"
+    assert passing, "every seed duplicated a ping: the test no longer tells runs apart"
+    first = failing[0]
+    assert first["violations"][0]["invariant"] == "handled_once"
+    assert first["replay_command"].endswith(f"-p {plugin_module}")
+    # The printed command, run as printed, gives the same digest and the same verdict.
+    argv = shlex.split(first["replay_command"])
+    assert argv[0] == "cblocks"
+    code, out, _ = cblocks(*argv[1:])
+    assert code == 1
+    assert first["digest"] in out
+    assert "handled_once" in out
+    code, out, _ = cblocks(*argv[1:], "--json", "--history")
+    replayed = json.loads(out)
+    assert replayed["digest"] == first["digest"]
+    assert len(replayed["history"]) == first["history_length"]
+    code, out, _ = cblocks(
+        "chaos", "replay", str(passing[0]["seed"]), "-s", "ping-once", "-p", plugin_module
+    )
+    assert code == 0
+    assert passing[0]["digest"] in out
+
+
+def test_list_shows_a_plugin_scenario_next_to_the_built_ins(plugin_module: str) -> None:
+    code, out, _ = cblocks("chaos", "list", "-p", plugin_module, "--json")
+    assert code == 0
+    names = [s["name"] for s in json.loads(out)]
+    assert "ping-once" in names
+    assert {"transfers", "pipeline", "replicas"} <= set(names)
+    code, out, _ = cblocks("chaos", "list", "--json")
+    assert "ping-once" not in [s["name"] for s in json.loads(out)]
+
+
+def test_built_in_scenarios_run_green_and_replay_to_the_same_digest(tmp_path: Path) -> None:
+    report = tmp_path / "chaos.html"
+    code, out, err = cblocks("chaos", "run", "--seeds", "1", "--json", "--report", str(report))
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["ok"] is True
+    assert [r["scenario"] for r in data["runs"]] == ["transfers", "pipeline", "replicas"]
+    assert all(r["deliveries"] > 0 for r in data["runs"])
+    assert report.read_text().count("Plotly.newPlot") == 2 * 3
+    transfers = data["runs"][0]
+    code, out, _ = cblocks("chaos", "replay", "0", "--scenario", "transfers")
+    assert code == 0
+    assert transfers["digest"] in out
