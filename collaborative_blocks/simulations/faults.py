@@ -104,17 +104,17 @@ class FaultPlan:
                 f"Accepted: {ACCEPTED_FORMS}"
             )
         if not (_finite(self.crash_rate) and self.crash_rate >= 0.0):
-            raise FaultPlanError(f"crash={self.crash_rate}: a rate must be >= 0")
+            raise _invalid(f"crash={self.crash_rate}: a rate must be >= 0")
         probability, seconds = self.slow_write
         _check_probability("slow_write", probability)
         if not (_finite(seconds) and seconds >= 0.0):
-            raise FaultPlanError(f"slow_write=...:{seconds}: seconds must be >= 0")
+            raise _invalid(f"slow_write=...:{seconds}: seconds must be >= 0")
         if not (probability and seconds):
             object.__setattr__(self, "slow_write", (0.0, 0.0))
         if not high:
             object.__setattr__(self, "delay", (0.0, 0.0))
         if not (_finite(self.skew) and self.skew >= 0.0):
-            raise FaultPlanError(f"skew={self.skew}: seconds must be >= 0")
+            raise _invalid(f"skew={self.skew}: seconds must be >= 0")
         for partition in self.partitions:
             if not (
                 _finite(partition.start)
@@ -122,13 +122,13 @@ class FaultPlan:
                 and partition.start >= 0
                 and partition.duration > 0
             ):
-                raise FaultPlanError(
-                    f"partition={_num(partition.duration)}@{_num(partition.start)}: need a "
+                raise _invalid(
+                    f"partition={_num(partition.duration)}s@{_num(partition.start)}s: need a "
                     "duration > 0 and a start >= 0"
                 )
         for crash in self.crashes:
             if not (_finite(crash.time) and crash.time >= 0):
-                raise FaultPlanError(f"crash at {crash.time}: the time must be >= 0")
+                raise _invalid(f"crash at {crash.time}: the time must be >= 0")
         # Canonical order, so equal plans compare (and spec) equal however they were written.
         object.__setattr__(self, "partitions", tuple(sorted(self.partitions)))
         object.__setattr__(
@@ -264,6 +264,10 @@ class FaultPlan:
         """The names of the fault fields that are switched on."""
         default = FaultPlan()
         return [f.name for f in fields(self) if getattr(self, f.name) != getattr(default, f.name)]
+
+
+def _invalid(problem: str) -> FaultPlanError:
+    return FaultPlanError(f"{problem}. Accepted: {ACCEPTED_FORMS}")
 
 
 def _finite(value: float) -> bool:

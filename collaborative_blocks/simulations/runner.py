@@ -15,13 +15,16 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import pluggy
+
+from collaborative_blocks.core.plugins import make_plugin_manager
 from collaborative_blocks.errors import SimulationError
 from collaborative_blocks.simulations.checkers import run_checkers
 from collaborative_blocks.simulations.faults import FaultPlan
 from collaborative_blocks.simulations.loop import SimulationLoop
 from collaborative_blocks.simulations.results import Sample, SimulationResult, Violation
 from collaborative_blocks.simulations.scenarios import Scenario, get_scenario
-from collaborative_blocks.simulations.world import RESTART_AFTER, Node, Phase, World
+from collaborative_blocks.simulations.world import RESTART_AFTER, SIMULATOR, Node, Phase, World
 
 __all__ = ["run_simulation"]
 
@@ -61,7 +64,9 @@ def run_simulation(
         logger.setLevel(logging.CRITICAL)
     started = time.process_time()
     try:
-        outcome = loop.run_until_complete(_run(loop, chosen, seed, plan))
+        outcome = loop.run_until_complete(
+            _run(loop, chosen, seed, plan, _plugin_manager(tuple(plugins)))
+        )
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
@@ -93,10 +98,26 @@ def run_simulation(
     )
 
 
+_plugin_managers: dict[tuple[str, ...], pluggy.PluginManager] = {}
+
+
+def _plugin_manager(plugins: tuple[str, ...]) -> pluggy.PluginManager:
+    # Built once per set of plugins (loading entry points costs more than a short run); a
+    # plugin manager only holds registrations, so runs cannot leak state through it.
+    found = _plugin_managers.get(plugins)
+    if found is None:
+        found = _plugin_managers[plugins] = make_plugin_manager(plugins)
+    return found
+
+
 async def _run(
-    loop: SimulationLoop, scenario: Scenario, seed: int, plan: FaultPlan
+    loop: SimulationLoop,
+    scenario: Scenario,
+    seed: int,
+    plan: FaultPlan,
+    plugin_manager: pluggy.PluginManager,
 ) -> tuple[World, list[Violation], list[Sample], dict[str, float]]:
-    world = World(loop, seed, plan, scenario)
+    world = World(loop, seed, plan, scenario, plugin_manager)
     timeline: list[Sample] = []
     phase_ends: dict[str, float] = {}
     await scenario.setup(world)
@@ -106,9 +127,11 @@ async def _run(
         world.spawn(_sample(world, timeline), name="sampler"),
         world.spawn(_inject(world), name="fault injector"),
     ]
-    # Safety: faults on, the workload runs until it is done or the phase is over.
+    # Safety: faults on for safety_seconds; a workload still running then is stopped.
     workload = world.spawn(scenario.workload(world, Phase.SAFETY), name="workload safety")
     done, _ = await asyncio.wait({workload}, timeout=scenario.safety_seconds)
+    if done and world.now() < scenario.safety_seconds:
+        await world.clock.sleep(scenario.safety_seconds - world.now())
     if not done:
         workload.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -146,17 +169,19 @@ async def _run(
                 f"healed: {scenario.unsettled(world)}",
             )
         )
-    facts = await scenario.final_reads(world)
-    for task in background:
-        task.cancel()
+    facts = dict(await scenario.final_reads(world))
+    # Stop everything, in a fixed order: the simulator's own tasks, then each node's.
+    remaining = loop.node_tasks(SIMULATOR)
     for node in world.nodes.values():
         if node.up:
             world._harvest(node.broker)
             node.up = False
             node._broker = None
-        for task in loop.node_tasks(node.name):
-            task.cancel()
-    await asyncio.sleep(0)
+        remaining.extend(loop.node_tasks(node.name))
+    for task in remaining:
+        task.cancel()
+    if remaining:
+        await asyncio.wait(remaining, timeout=1.0)
     world.close_open_operations()
     facts.setdefault("broker", dict(world.broker_counts()))
     _count_behaviours(world)

@@ -26,6 +26,8 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import pluggy
+
 from collaborative_blocks.core.messaging.broker import (
     ContextHandler,
     MessageBroker,
@@ -34,6 +36,7 @@ from collaborative_blocks.core.messaging.broker import (
 )
 from collaborative_blocks.core.messaging.envelope import JSONValue, Message
 from collaborative_blocks.core.messaging.transport import Delivery, Subscription
+from collaborative_blocks.core.plugins import make_plugin_manager
 from collaborative_blocks.core.settings import Settings, load_settings
 from collaborative_blocks.errors import SimulationError, StoreUnavailableError
 from collaborative_blocks.plugins.transports.memory import MemoryTransport
@@ -74,6 +77,8 @@ START_TIME = 1_700_000_000.0
 RESTART_AFTER = (1.0, 5.0)
 #: How far ``reorder`` holds a message back (uniform, simulated seconds).
 REORDER_WINDOW = 1.0
+#: The owner of the simulator's own tasks (fault injection, network delays, clients).
+SIMULATOR = "~simulator"
 #: How long a hanging handler hangs: far past any handler timeout.
 HANG_SECONDS = 3600.0
 
@@ -156,8 +161,16 @@ class World:
         seed: int,
         plan: FaultPlan,
         scenario: Scenario,
+        plugin_manager: pluggy.PluginManager | None = None,
     ) -> None:
         self.loop = loop
+        #: The run's plugins (built-ins, entry points, ``plugins=``): for engines the
+        #: scenario builds (conflict resolvers, ...).
+        self.plugin_manager = (
+            plugin_manager
+            if plugin_manager is not None
+            else make_plugin_manager(entry_points=False)
+        )
         self.seed = seed
         self.plan = plan
         self.scenario = scenario
@@ -175,7 +188,7 @@ class World:
         self.broker_totals: Counter[str] = Counter()
         self._rngs: dict[str, random.Random] = {}
         network_context = contextvars.copy_context()
-        network_context.run(CURRENT_NODE.set, None)
+        network_context.run(CURRENT_NODE.set, SIMULATOR)
         self._network_context = network_context
         skew_rng = self.rng("skew")
         self.nodes: dict[str, Node] = {}
