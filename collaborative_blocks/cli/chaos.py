@@ -441,10 +441,11 @@ def replay_command(
 
 def _print_replay(result: SimulationResult, scenario: Scenario, history: bool) -> None:
     facts = Table(show_header=False, box=None)
+    facts.add_column(no_wrap=True)
+    facts.add_column(overflow="fold")
     facts.add_row("scenario", escape(result.scenario))
     facts.add_row("seed", str(result.seed))
     facts.add_row("faults", escape(result.faults or "none"))
-    facts.add_row("digest", result.digest)
     facts.add_row("operations", f"{len(result.history):,}")
     facts.add_row("deliveries", f"{result.deliveries:,}")
     facts.add_row(
@@ -458,6 +459,8 @@ def _print_replay(result: SimulationResult, scenario: Scenario, history: bool) -
     facts.add_row("invariants", checked or "-")
     verdict = "[bold green]ok[/]" if result.ok else "[bold red]FAILED[/]"
     console.print(Panel(facts, title=f"cblocks chaos replay: {verdict}", expand=False))
+    # On a line of its own, never cut or wrapped: the digest is the run's identity.
+    console.print(f"digest [bold]{result.digest}[/]", soft_wrap=True)
     if history:
         console.print(operations_table(list(result.history), title="history"))
     if result.ok:
