@@ -63,6 +63,8 @@ __all__ = ["app"]
 DEFAULT_SEEDS = 20
 #: Failing runs printed in full (witnesses); the others are listed with their replay command.
 MAX_FAILURES_IN_FULL = 10
+#: Reruns ``chaos replay --shrink`` may spend looking for a smaller failing fault plan.
+SHRINK_MAX_RUNS = 200
 #: Operation values longer than this are cut in the terminal tables.
 MAX_VALUE_CHARS = 120
 
@@ -406,6 +408,14 @@ def replay_command(
     ] = False,
     as_json: JsonOption = False,
     report: ReportOption = None,
+    shrink: Annotated[
+        bool,
+        typer.Option(
+            "--shrink",
+            help="If an invariant is violated, rerun the seed with ever simpler fault plans "
+            f"(at most {SHRINK_MAX_RUNS} runs) and print the smallest that still violates it.",
+        ),
+    ] = False,
 ) -> None:
     """Rerun exactly one run (same scenario, seed, faults and plugins -> same digest)."""
     plugins = _plugins(ctx, plugin)
@@ -418,11 +428,15 @@ def replay_command(
         chosen = get_scenario(scenario, plugins)
         plan = _parse_faults(faults)
         result = run_simulation(chosen, seed, plan, plugins=plugins)
+    shrunk = None
+    if shrink and result.violations:
+        with guarded():
+            shrunk = _shrink(result, chosen, plugins)
     written = None
     if report is not None:
         with guarded():
             written = write_report(
-                [result],
+                [result] if shrunk is None else [result, shrunk],
                 report,
                 title=f"cblocks chaos replay {seed} --scenario {chosen.name}",
                 invariants={chosen.name: tuple(chosen.invariants)},
@@ -430,13 +444,61 @@ def replay_command(
     if as_json:
         data = _run_json(result, history=history)
         data["report"] = None if written is None else str(written)
+        if shrink:
+            data["shrunk"] = None if shrunk is None else _run_json(shrunk)
         print_json(data)
     else:
         _print_replay(result, chosen, history)
+        if shrink:
+            _print_shrunk(result, shrunk)
         if written is not None:
             console.print(f"report: {escape(str(written))}")
     if not result.ok:
         raise typer.Exit(EXIT_FAILED)
+
+
+def _shrink(
+    result: SimulationResult, scenario: Scenario, plugins: Sequence[str]
+) -> SimulationResult:
+    """The same seed under the smallest fault plan that still violates one of the invariants
+    ``result`` violated (coverage is not checked: a smaller plan exercises less)."""
+    from collaborative_blocks.simulations.shrink import shrink_plan
+
+    violated = {v.invariant for v in result.violations}
+
+    def run(plan: FaultPlan) -> SimulationResult:
+        return run_simulation(scenario, result.seed, plan, plugins=plugins, check_coverage=False)
+
+    def still_fails(plan: FaultPlan) -> bool:
+        return any(v.invariant in violated for v in run(plan).violations)
+
+    # On stderr, like the progress bar of `run`: stdout stays the JSON alone with --json.
+    with err_console.status("shrinking the fault plan"):
+        smallest = shrink_plan(
+            FaultPlan.parse(result.faults), still_fails, max_runs=SHRINK_MAX_RUNS
+        )
+    return run(smallest)
+
+
+def _print_shrunk(result: SimulationResult, shrunk: SimulationResult | None) -> None:
+    if shrunk is None:
+        console.print("[yellow]nothing to shrink: no invariant was violated[/]")
+        return
+    if shrunk.faults == result.faults:
+        console.print("\n[bold]shrink[/]: no simpler fault plan violates the same invariant")
+        return
+    console.print(
+        f"\n[bold]shrink[/]: the smallest fault plan found that still fails is "
+        f"[cyan]{escape(shrunk.faults)}[/]"
+    )
+    for violation in shrunk.violations:
+        console.print(
+            f"  [red]violated[/] [bold]{escape(violation.invariant)}[/]: "
+            f"{escape(violation.message)}"
+        )
+        if violation.witness:
+            console.print(Padding(operations_table(violation.witness), (0, 0, 0, 4)))
+    console.print(f"  replay: [bold]{escape(shrunk.replay_command)}[/]", soft_wrap=True)
 
 
 def _print_replay(result: SimulationResult, scenario: Scenario, history: bool) -> None:

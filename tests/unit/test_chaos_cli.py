@@ -471,3 +471,31 @@ def test_built_in_scenarios_run_green_and_replay_to_the_same_digest(tmp_path: Pa
     code, out, _ = cblocks("chaos", "replay", "0", "--scenario", "transfers")
     assert code == 0
     assert transfers["digest"] in out
+
+
+def test_replay_shrink_finds_a_smaller_plan_that_still_fails(plugin_module: str) -> None:
+    faults = "duplicate=0.05,drop=0.1,reorder=0.2,delay=0.01-0.3,crash=0.01"
+    args = ["chaos", "replay", "0", "-s", "ping-once", "-p", plugin_module, "--faults", faults]
+    code, out, _ = cblocks(*args, "--shrink", "--json")
+    assert code == 1
+    data = json.loads(out)
+    assert data["violations"]
+    shrunk = data["shrunk"]
+    assert shrunk is not None
+    assert {v["invariant"] for v in shrunk["violations"]} == {"handled_once"}
+    # Simpler: fewer faults than the plan it started from (the duplicates are the bug).
+    assert len(shrunk["faults"].split(",")) < len(faults.split(","))
+    assert "duplicate" in shrunk["faults"]
+    # Its replay command reproduces it.
+    code, out, _ = cblocks(*shlex.split(shrunk["replay_command"])[1:])
+    assert code == 1
+    assert shrunk["digest"] in out
+    # The table output names the smaller plan.
+    code, out, _ = cblocks(*args, "--shrink")
+    assert f"still fails is {shrunk['faults']}" in out
+
+
+def test_replay_shrink_of_a_passing_run_says_there_is_nothing_to_shrink() -> None:
+    code, out, _ = cblocks("chaos", "replay", "0", "-s", "transfers", "--shrink")
+    assert code == 0
+    assert "nothing to shrink" in out
