@@ -372,8 +372,8 @@ def _print_totals(
     simulated = sum(r.simulated_seconds for r in results)
     failed = sum(1 for r in results if not r.ok)
     console.print(
-        f"\n{len(results)} runs in {wall:.1f} s: {simulated:,.0f} simulated seconds, "
-        f"{deliveries:,} deliveries ({_rate(deliveries / cpu if cpu else None)} per CPU-second)"
+        f"\n{len(results)} runs in {wall:.1f} s: {simulated:,.0f} simulated s, "
+        f"{deliveries:,} deliveries, {_rate(deliveries / cpu if cpu else None)} per CPU-s"
     )
     if written is not None:
         console.print(f"report: {escape(str(written))}")
