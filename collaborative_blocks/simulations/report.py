@@ -143,7 +143,8 @@ def write_report(
     """Write the HTML report of ``results`` to ``path`` (parents created) and return it.
 
     ``invariants`` (scenario -> invariant names, e.g. from ``get_scenario(name).invariants``)
-    adds the invariants that held in every run to the summary table.
+    adds the invariants that held in every run to the summary table; without it they are
+    looked up from the installed scenarios (with each run's plugins) where possible.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -161,6 +162,8 @@ def render_report(
     import plotly.offline
 
     title = title or "cblocks chaos report"
+    if invariants is None:
+        invariants = _installed_invariants(results)
     summaries = summarize_by_scenario(results, invariants)
     failing = [r for r in results if not r.ok]
     body: list[str] = [
@@ -183,6 +186,23 @@ def render_report(
 
 
 # --- pieces ------------------------------------------------------------------------------
+
+
+def _installed_invariants(results: Sequence[SimulationResult]) -> dict[str, tuple[str, ...]]:
+    """Each scenario's invariants, for the scenarios that can be found (a result may come
+    from a plugin that is not importable here, or be made by hand: those are skipped)."""
+    from collaborative_blocks.errors import CollaborativeBlocksError
+    from collaborative_blocks.simulations.scenarios import get_scenario
+
+    found: dict[str, tuple[str, ...]] = {}
+    for result in results:
+        if result.scenario in found:
+            continue
+        try:
+            found[result.scenario] = tuple(get_scenario(result.scenario, result.plugins).invariants)
+        except CollaborativeBlocksError:
+            found[result.scenario] = ()
+    return found
 
 
 def _e(value: object) -> str:
@@ -212,7 +232,7 @@ def _summary_table(summaries: Sequence[ScenarioSummary]) -> str:
         "</tr></thead><tbody>"
     ]
     for summary in summaries:
-        names = list(summary.violations) or ["(none checked)"]
+        names = list(summary.violations) or ["(none violated)"]
         missing = (
             ", ".join(f"{_e(k)} &times;{v}" for k, v in summary.missing_coverage.items()) or "-"
         )

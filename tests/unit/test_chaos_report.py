@@ -252,3 +252,13 @@ def test_intervals_of_consecutive_samples() -> None:
     assert _intervals(samples, [s.crashed_nodes > 0 for s in samples]) == [(3.0, 5.0)]
     assert _intervals(samples, [s.time >= 8 for s in samples]) == [(8.0, 9.0)]
     assert _intervals(samples, [False] * 10) == []
+
+
+def test_invariants_of_installed_scenarios_are_looked_up() -> None:
+    # "transfers" is a built-in scenario: every invariant it checks is listed, held or not.
+    text = " ".join(parse(render_report([make_result("transfers", 0)])).text)
+    for name in ("no_double_apply", "conservation", "no_overdraft", "liveness"):
+        assert name in text
+    # A scenario that is not installed (a plugin not importable here) still renders.
+    text = " ".join(parse(render_report([make_result("not-installed", 0)])).text)
+    assert "(none violated)" in text
