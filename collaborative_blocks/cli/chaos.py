@@ -63,6 +63,8 @@ __all__ = ["app"]
 DEFAULT_SEEDS = 20
 #: Failing runs printed in full (witnesses); the others are listed with their replay command.
 MAX_FAILURES_IN_FULL = 10
+#: The shell's status for a command ended by Ctrl-C (128 + SIGINT).
+EXIT_INTERRUPTED = 130
 #: Reruns ``chaos replay --shrink`` may spend looking for a smaller failing fault plan.
 SHRINK_MAX_RUNS = 200
 #: Operation values longer than this are cut in the terminal tables.
@@ -191,21 +193,28 @@ def run_command(
         plan = _parse_faults(faults)
     results: list[SimulationResult] = []
     failed = 0
-    stopped_early = False
+    stopped: str | None = None
     started = time.perf_counter()
-    with _progress(True, len(scenarios) * seeds) as tick:
-        for chosen in scenarios:
-            for seed in range(seed_start, seed_start + seeds):
-                with guarded():
-                    result = run_simulation(chosen, seed, plan, plugins=plugins)
-                results.append(result)
-                failed += not result.ok
-                tick(chosen.name, seed, failed)
-                if failed and not keep_going:
-                    stopped_early = True
+    try:
+        with _progress(True, len(scenarios) * seeds) as tick:
+            for chosen in scenarios:
+                for seed in range(seed_start, seed_start + seeds):
+                    with guarded():
+                        result = run_simulation(chosen, seed, plan, plugins=plugins)
+                    results.append(result)
+                    failed += not result.ok
+                    tick(chosen.name, seed, failed)
+                    if failed and not keep_going:
+                        stopped = "stopped at the first failing run (--fail-fast)"
+                        break
+                if stopped:
                     break
-            if stopped_early:
-                break
+    except KeyboardInterrupt:
+        # Ctrl-C on a long run still reports (and replays) the runs that finished.
+        stopped = "interrupted: the summary covers the runs that finished"
+        interrupted = True
+    else:
+        interrupted = False
     wall = time.perf_counter() - started
     invariants = {s.name: tuple(s.invariants) for s in scenarios}
     summaries = summarize_by_scenario(results, invariants)
@@ -226,7 +235,8 @@ def run_command(
                     "plugins": list(plugins),
                     "fail_fast": not keep_going,
                 },
-                "stopped_early": stopped_early,
+                "stopped_early": stopped is not None,
+                "interrupted": interrupted,
                 "wall_seconds": wall,
                 "report": None if written is None else str(written),
                 "summary": [s.to_json() for s in summaries],
@@ -241,7 +251,9 @@ def run_command(
             "history (its replay prints the same)[/]"
         )
         _print_failures([r for r in results if not r.ok])
-        _print_totals(results, wall, stopped_early, written)
+        _print_totals(results, wall, stopped, written)
+    if interrupted:
+        raise typer.Exit(EXIT_INTERRUPTED)
     if failed:
         raise typer.Exit(EXIT_FAILED)
 
@@ -365,7 +377,7 @@ def _print_failures(failing: Sequence[SimulationResult]) -> None:
 
 
 def _print_totals(
-    results: Sequence[SimulationResult], wall: float, stopped_early: bool, written: Path | None
+    results: Sequence[SimulationResult], wall: float, stopped: str | None, written: Path | None
 ) -> None:
     deliveries = sum(r.deliveries for r in results)
     cpu = sum(r.cpu_seconds for r in results)
@@ -377,8 +389,8 @@ def _print_totals(
     )
     if written is not None:
         console.print(f"report: {escape(str(written))}")
-    if stopped_early:
-        console.print("[yellow]stopped at the first failing run (--fail-fast)[/]")
+    if stopped:
+        console.print(f"[yellow]{stopped}[/]")
     if failed:
         console.print(f"[bold red]{failed} of {len(results)} runs failed[/]")
     else:

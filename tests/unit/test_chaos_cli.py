@@ -188,6 +188,29 @@ def test_fail_fast_stops_at_the_first_failing_run(calls: Calls) -> None:
     assert "--fail-fast" in out
 
 
+def test_ctrl_c_reports_the_finished_runs_and_exits_130(
+    calls: Calls, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inner = vars(chaos_cli)["run_simulation"]  # the fake the calls fixture installed
+
+    def interrupted_at_seed_3(scenario: Any, seed: int, *args: Any, **kwargs: Any) -> Any:
+        if seed == 3:
+            raise KeyboardInterrupt
+        return inner(scenario, seed, *args, **kwargs)
+
+    monkeypatch.setattr(chaos_cli, "run_simulation", interrupted_at_seed_3)
+    code, out, _ = cblocks("chaos", "run", "-s", "flaky", "--seeds", "10")
+    assert code == 130
+    assert "interrupted" in out
+    assert "1 of 3 runs failed" in out
+    assert "cblocks chaos replay 1 --scenario flaky" in out
+    code, out, _ = cblocks("chaos", "run", "-s", "flaky", "--seeds", "10", "--json")
+    assert code == 130
+    data = json.loads(out)
+    assert data["interrupted"] is True
+    assert [r["seed"] for r in data["runs"]] == [0, 1, 2]
+
+
 def test_json_is_one_document_with_runs_and_summary(calls: Calls) -> None:
     code, out, err = cblocks("chaos", "run", "--seeds", "3", "--faults", "drop=0.2", "--json")
     assert code == 1
