@@ -12,7 +12,8 @@ makes a redelivered or duplicated command a no-op. Invariants:
   rejected);
 - ``conservation``: once settled, the sum of all balances is what was deposited;
 - ``transfer_completes``: every acknowledged transfer is either debited and credited, or
-  rejected; none is half done;
+  rejected; none is half done (a command the broker dead-lettered after its retries counts
+  as rejected for a debit and as parked money, still conserved, for a credit);
 - ``no_overdraft``: no account's balance ever goes below zero;
 - ``no_phantom``: every debit or credit belongs to a transfer a client asked for.
 """
@@ -24,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from collaborative_blocks.core.messaging.broker import MessageContext
+from collaborative_blocks.core.messaging.deadletters import DeadLetterQueue
 from collaborative_blocks.core.messaging.envelope import (
     DeliveryGuarantee,
     JSONValue,
@@ -240,12 +242,28 @@ class TransfersScenario(Scenario):
                 versions[stream] = event.version
                 transfer = json.loads(event.state)["transfer"]
                 rejected[transfer] = rejected.get(transfer, 0) + 1
+        # Commands the broker gave up on (retries exhausted): a dead-lettered debit never
+        # moved money; a dead-lettered credit parks its amount in the queue until replayed.
+        parked: dict[str, int] = {}
+        unsent: list[str] = []
+        for letter in await DeadLetterQueue(
+            clock=world.clock, rng=world.rng("dlq"), store=world.durable
+        ).list():
+            if letter.message is None:
+                continue
+            payload: Any = letter.message.payload
+            if letter.message.name == "credit":
+                parked[payload["transfer"]] = int(payload["amount"])
+            elif letter.message.name == "debit":
+                unsent.append(payload["transfer"])
         return {
             "balances": dict(balances),
             "lowest": dict(lowest),
             "debits": dict(sorted(debits.items())),
             "credits": dict(sorted(credits.items())),
             "rejected": dict(sorted(rejected.items())),
+            "dead_lettered_credits": dict(sorted(parked.items())),
+            "dead_lettered_debits": sorted(set(unsent)),
             "deposited": INITIAL_BALANCE * len(balances),
         }
 
@@ -253,7 +271,7 @@ class TransfersScenario(Scenario):
         if world.network.in_flight() or world.delayed:
             return False
         state = await self._state(world)
-        return set(state["debits"]) <= set(state["credits"])
+        return set(state["debits"]) <= set(state["credits"]) | set(state["dead_lettered_credits"])
 
     def unsettled(self, world: World) -> str:
         return (
@@ -333,21 +351,25 @@ def check_conservation(history: History, facts: Mapping[str, Any]) -> list[Viola
     if final is None:
         return [Violation("conservation", "no final read was recorded")]
     read, state = final
-    total = sum(state["balances"].values())
+    parked = state.get("dead_lettered_credits", {})
+    total = sum(state["balances"].values()) + sum(
+        amount for name, amount in parked.items() if name not in state["credits"]
+    )
     if total == state["deposited"]:
         return []
     transfers = _transfers(history)
     unbalanced = sorted(
         name
         for name in set(state["debits"]) | set(state["credits"])
-        if state["debits"].get(name, 0) != state["credits"].get(name, 0)
+        if state["debits"].get(name, 0) != state["credits"].get(name, 0) and name not in parked
     )
     witness = tuple(op for name in unbalanced[:2] for op in _witness(transfers, name, read)[:-1])
     return [
         Violation(
             "conservation",
-            f"the balances sum to {total}, but {state['deposited']} was deposited "
-            f"(unbalanced transfers: {', '.join(unbalanced[:5]) or 'none'})",
+            f"the balances (plus dead-lettered credits) sum to {total}, but "
+            f"{state['deposited']} was deposited (unbalanced transfers: "
+            f"{', '.join(unbalanced[:5]) or 'none'})",
             (*witness, read),
         )
     ]
@@ -361,8 +383,8 @@ def check_transfer_completes(history: History, facts: Mapping[str, Any]) -> list
     violations = []
     for name, (invoke, completion) in sorted(_transfers(history).items()):
         debited = name in state["debits"]
-        credited = name in state["credits"]
-        rejected = name in state["rejected"]
+        credited = name in state["credits"] or name in state.get("dead_lettered_credits", {})
+        rejected = name in state["rejected"] or name in state.get("dead_lettered_debits", ())
         acknowledged = completion is not None and completion.type is OpType.OK
         if debited != credited or (acknowledged and not (debited or rejected)):
             violations.append(
