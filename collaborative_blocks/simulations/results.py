@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, overload
 
 from collaborative_blocks.core.messaging.envelope import JSONValue
+from collaborative_blocks.errors import SimulationError
 
 __all__ = [
     "History",
@@ -155,7 +156,14 @@ class History:
     def lines(self) -> Iterator[str]:
         """The canonical JSON lines the digest is computed from."""
         for op in self._ops:
-            yield _canonical(op.to_json())
+            try:
+                yield _canonical(op.to_json())
+            except (TypeError, ValueError) as error:
+                raise SimulationError(
+                    f"operation #{op.index} ({op.process} {op.type.value} {op.f}) holds a value "
+                    f"that is not JSON ({error}); record dicts, lists, str, numbers, bools or "
+                    "None (e.g. a message's payload or id, not the Message)"
+                ) from None
 
     def digest(self) -> str:
         """sha256 (hex) of the canonical JSON lines: the run's identity."""

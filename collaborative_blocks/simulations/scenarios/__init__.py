@@ -22,7 +22,7 @@ from collaborative_blocks.simulations.world import Node, Phase, World
 class PingScenario(Scenario):
     name = "ping"
     description = "every acknowledged ping is handled at least once"
-    default_faults = "drop=0.2"
+    default_faults = "drop=0.3"
     invariants = ("pinged",)
     required_coverage = ("redelivery",)
     nodes = ("client", "server")
@@ -38,11 +38,14 @@ class PingScenario(Scenario):
     async def workload(self, world: World, phase: Phase) -> None:
         if phase is Phase.SAFETY:
             client = world.node("client")
-            for n in range(10):
+            for n in range(20):
                 message = Message(MessageType.EVENT, "ping", {"n": n}, source="client")
-                await world.operation(
-                    "client", "ping", n, lambda m=message: client.call(client.broker.publish(m))
-                )
+
+                async def send(message: Message = message) -> str:
+                    sent = await client.call(client.broker.publish(message))
+                    return sent.id  # operation values are JSON: the id, not the Message
+
+                await world.operation("client", "ping", n, send)
 
     async def settled(self, world: World) -> bool:
         return world.network.in_flight() == 0
