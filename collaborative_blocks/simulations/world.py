@@ -21,6 +21,7 @@ import asyncio
 import contextvars
 import dataclasses
 import enum
+import math
 import random
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
@@ -75,6 +76,8 @@ T = TypeVar("T")
 START_TIME = 1_700_000_000.0
 #: How long a crashed node stays down before it restarts (uniform, simulated seconds).
 RESTART_AFTER = (1.0, 5.0)
+#: The network's clock tick: delayed messages arrive on multiples of it.
+NETWORK_TICK = 0.01
 #: How far ``reorder`` holds a message back (uniform, simulated seconds).
 REORDER_WINDOW = 1.0
 #: The owner of the simulator's own tasks (fault injection, network delays, clients).
@@ -198,6 +201,7 @@ class World:
         if plan.skew:
             self.coverage["skew"] += 1
         self._open: dict[int, Operation] = {}
+        self._arrivals: dict[float, list[tuple[str, Message | bytes]]] = {}
         #: Per-run state a scenario keeps (set it in ``Scenario.setup``).
         self.scenario_state: dict[str, Any] = {}
 
@@ -412,9 +416,21 @@ class World:
         """Hand ``message`` to the network's ``subject`` after ``delay`` simulated seconds
         (a timer, not a task: this runs for most messages of a run with delays)."""
         self.delayed += 1
-        self.loop.call_at(self.loop._now + delay, self._arrive, subject, message)
+        # Arrivals land on the network's tick (NETWORK_TICK): messages due in the same tick
+        # arrive together, in the order they were sent, and consumers fetch them as a batch
+        # (one wake-up per tick instead of one per message).
+        due = math.ceil((self.loop._now + delay) / NETWORK_TICK) * NETWORK_TICK
+        batch = self._arrivals.get(due)
+        if batch is None:
+            batch = self._arrivals[due] = []
+            self.loop.call_at(due, self._arrive, due)
+        batch.append((subject, message))
 
-    def _arrive(self, subject: str, message: Message | bytes) -> None:
+    def _arrive(self, due: float) -> None:
+        for subject, message in self._arrivals.pop(due):
+            self._arrive_one(subject, message)
+
+    def _arrive_one(self, subject: str, message: Message | bytes) -> None:
         if self.network.publish_nowait(subject, message):
             self.delayed -= 1
             return

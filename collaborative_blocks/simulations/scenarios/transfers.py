@@ -99,9 +99,11 @@ class TransfersScenario(Scenario):
     nodes = ("bank-a", "bank-b", "bank-c")
     safety_seconds = 15.0
     liveness_seconds = 120.0
-    #: Transfers each bank's client asks for in the safety phase, and the pause between them.
-    transfers_per_client = 50
-    interval = 0.12
+    #: Concurrent clients per bank, the transfers each asks for in the safety phase, and the
+    #: mean pause between two of them.
+    clients_per_bank = 4
+    transfers_per_client = 25
+    interval = 0.25
     max_amount = 40
 
     def accounts(self) -> list[str]:
@@ -167,17 +169,20 @@ class TransfersScenario(Scenario):
         if phase is not Phase.SAFETY:
             return
         clients = [
-            world.spawn(self._client(world, bank), name=f"client {bank}") for bank in self.nodes
+            world.spawn(self._client(world, bank, c), name=f"client {bank} {c}")
+            for bank in self.nodes
+            for c in range(self.clients_per_bank)
         ]
         for client in clients:
             await client
 
-    async def _client(self, world: World, bank: str) -> None:
-        rng = world.rng(f"client:{bank}")
+    async def _client(self, world: World, bank: str, number: int) -> None:
+        rng = world.rng(f"client:{bank}:{number}")
         node = world.node(bank)
         others = [b for b in self.nodes if b != bank]
-        process = f"client-{bank}"
-        for k in range(self.transfers_per_client):
+        process = f"client-{bank}-{number}"
+        for j in range(self.transfers_per_client):
+            k = j * self.clients_per_bank + number
             await world.clock.sleep(rng.uniform(0.0, 2 * self.interval))
             to_bank = rng.choice(others)
             transfer: dict[str, JSONValue] = {
