@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import functools
 import heapq
 import random
 from collections import deque
@@ -70,7 +69,7 @@ class SimulationLoop(asyncio.BaseEventLoop):
         self.steps = 0
         self._node_tasks: dict[str, dict[int, asyncio.Task[Any]]] = {}
         self._task_seq = 0
-        self._task_ids: dict[int, tuple[str, int]] = {}
+        self._prune_at = 1024
         self.set_task_factory(self._make_task)
 
     # -- time ------------------------------------------------------------------------------
@@ -89,20 +88,23 @@ class SimulationLoop(asyncio.BaseEventLoop):
         task: asyncio.Task[T] = asyncio.Task(coro, loop=loop, context=context)
         node = context.get(CURRENT_NODE) if context is not None else CURRENT_NODE.get()
         if node is not None:
+            tasks = self._node_tasks.get(node)
+            if tasks is None:
+                tasks = self._node_tasks[node] = {}
             self._task_seq += 1
-            seq = self._task_seq
-            self._node_tasks.setdefault(node, {})[seq] = task
-            task.add_done_callback(functools.partial(self._forget, node, seq))
+            tasks[self._task_seq] = task
+            if len(tasks) > self._prune_at:
+                # Finished tasks are dropped in bulk now and then (cheaper than a done
+                # callback on every task).
+                for seq in [seq for seq, t in tasks.items() if t.done()]:
+                    del tasks[seq]
+                self._prune_at = max(1024, 2 * len(tasks))
         return task
-
-    def _forget(self, node: str, seq: int, task: object) -> None:
-        tasks = self._node_tasks.get(node)
-        if tasks is not None:
-            tasks.pop(seq, None)
 
     def node_tasks(self, node: str) -> list[asyncio.Task[Any]]:
         """The unfinished tasks ``node`` created (directly or through its tasks), oldest first."""
-        return list(self._node_tasks.get(node, {}).values())
+        tasks = self._node_tasks.get(node, {})
+        return [task for task in tasks.values() if not task.done()]
 
     # -- the scheduler -----------------------------------------------------------------------
 

@@ -77,7 +77,7 @@ START_TIME = 1_700_000_000.0
 #: How long a crashed node stays down before it restarts (uniform, simulated seconds).
 RESTART_AFTER = (1.0, 5.0)
 #: The network's clock tick: delayed messages arrive on multiples of it.
-NETWORK_TICK = 0.01
+NETWORK_TICK = 0.05
 #: How far ``reorder`` holds a message back (uniform, simulated seconds).
 REORDER_WINDOW = 1.0
 #: The owner of the simulator's own tasks (fault injection, network delays, clients).
@@ -146,10 +146,14 @@ class Node:
             coro.close()
             raise NodeDownError(f"node {self.name!r} is down (crashed); it restarts later")
         task = self.spawn(coro)
-        await asyncio.wait({task})
-        if task.cancelled():
-            raise NodeCrashedError(f"node {self.name!r} crashed during the operation")
-        return task.result()
+        try:
+            return await task
+        except asyncio.CancelledError:
+            caller = asyncio.current_task()
+            if task.cancelled() and (caller is None or not caller.cancelling()):
+                # The node's task was cancelled by a crash, not the caller by its own.
+                raise NodeCrashedError(f"node {self.name!r} crashed during the operation") from None
+            raise
 
     def __repr__(self) -> str:
         return f"Node({self.name!r}, up={self.up}, incarnation={self.incarnation})"
