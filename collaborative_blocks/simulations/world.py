@@ -371,6 +371,11 @@ class World:
         """Run ``coro`` as a task of the simulator itself (no node: a crash never stops it)."""
         return self.loop.create_task(coro, name=name, context=self._network_context.copy())
 
+    def exercised(self, behaviour: str, count: int = 1) -> None:
+        """Count a behaviour the faults provoked (``"compensation"``, ``"breaker_open"``,
+        ...) toward coverage; read it from the component that did it, do not guess."""
+        self.coverage[behaviour] += count
+
     # -- faults --------------------------------------------------------------------------------
 
     def chance(self, kind: str, probability: float) -> bool:

@@ -29,8 +29,15 @@ class Scenario:
     :meth:`settled` until it is true (or the liveness phase runs out: a violation),
     :meth:`final_reads`, and finally every checker of :meth:`checkers` over the history.
 
+    Coverage: the world counts the faults it injects and the broker behaviours they provoke
+    (``redelivery``, ``retry``, ``deduplication``, ``dead_letter``, ...). Count your own
+    components' behaviours with ``world.exercised("compensation")`` (read from what the
+    component reports, e.g. a workflow run's compensated steps or a breaker's transitions)
+    and list the ones a run must show in ``required_coverage``.
+
     A scenario object may be reused across runs: keep per-run state on the world
-    (``world.state``-style attributes you set in :meth:`setup`) or reset it in :meth:`setup`.
+    (``world.scenario_state``, or ``node.state`` for what a crash must lose), never on the
+    scenario itself.
     """
 
     name: ClassVar[str] = ""
