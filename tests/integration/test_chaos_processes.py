@@ -1,0 +1,696 @@
+"""Chaos with real processes: workers over Redis Streams and PostgreSQL, SIGKILLed and restarted.
+
+Beside the simulator, the same workloads run on real worker processes
+(:mod:`collaborative_blocks.simulations.processes`): a nemesis picks a random running worker
+every few hundred milliseconds (a seeded schedule, printed), kills it with SIGKILL (its whole
+process group) and starts a new incarnation. After the workload the killing stops, the test
+waits (polling the store and Redis, with a deadline) until nothing is in flight, reads the
+outcome from the store, and judges the merged history of every process with the simulated
+scenarios' own checkers:
+
+- ``transfers`` (EXACTLY_ONCE, inbox and outbox on PostgreSQL): no transfer applied twice,
+  money conserved, every acknowledged transfer applied, no overdraft, nothing applied that
+  was not asked for.
+- ``pipeline`` (AT_LEAST_ONCE): no acknowledged message lost, published = processed +
+  dead-lettered + in flight (0 after the drain), poison jobs dead-lettered.
+
+``CB_CHAOS_SEED=N`` replays a schedule's intent (the kill times depend on the machine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from collaborative_blocks.core.clock import SystemClock
+from collaborative_blocks.core.messaging.broker import MessageBroker
+from collaborative_blocks.core.messaging.connector import SystemConnector
+from collaborative_blocks.core.messaging.envelope import DeliveryGuarantee, JSONValue
+from collaborative_blocks.core.randomness import new_random
+from collaborative_blocks.core.settings import load_settings
+from collaborative_blocks.simulations.checkers import run_checkers
+from collaborative_blocks.simulations.processes import (
+    ACCOUNTS_PER_BANK,
+    BANKS,
+    HistoryWriter,
+    account_stream,
+    merge_histories,
+    open_accounts,
+    read_history_file,
+    read_pipeline_outcome,
+    read_transfers_state,
+)
+from collaborative_blocks.simulations.results import History, OpType, Violation
+from collaborative_blocks.simulations.scenarios.pipeline import PipelineScenario
+from collaborative_blocks.simulations.scenarios.transfers import TransfersScenario
+from collaborative_blocks.stores.base import EventStore
+from collaborative_blocks.stores.postgres import open_postgres_store
+from collaborative_blocks.testing.services import (
+    require_postgres,
+    require_redis,
+    temporary_postgres_database,
+)
+
+#: How long clients drive traffic while the nemesis kills, and how long the drain may take
+#: (a killed worker's deliveries come back after the workers' 4 s ack timeout).
+WORKLOAD_SECONDS = 12.0
+DRAIN_DEADLINE_SECONDS = 45.0
+#: A safety net so a hang fails the test instead of blocking the suite.
+HANG_GUARD_SECONDS = 120.0
+KILL_INTERVAL = (0.3, 1.0)
+#: The longest random pause a worker's handler makes (real work takes time; kills then land
+#: inside handlers, not only between them).
+THINK = "0.02"
+READY_TIMEOUT = 30.0
+
+
+def chaos_seed() -> int:
+    configured = os.environ.get("CB_CHAOS_SEED")
+    return int(configured) if configured else random.SystemRandom().randrange(2**32)
+
+
+# -- the merged history (no services needed) ----------------------------------------------------
+
+
+class StepClock:
+    """A clock whose readings the test sets (the writers' timestamps)."""
+
+    def __init__(self) -> None:
+        self.time = 1000.0
+
+    def now(self) -> float:
+        return self.time
+
+    def monotonic(self) -> float:
+        return self.time
+
+    async def sleep(self, seconds: float) -> None:
+        self.time += seconds
+
+
+def test_merged_history_orders_by_time_and_marks_what_a_kill_hid_as_info(tmp_path: Path) -> None:
+    clock = StepClock()
+    client = HistoryWriter(tmp_path / "client.jsonl", "client", clock=clock)
+    worker = HistoryWriter(tmp_path / "worker#1.jsonl", "worker#1", clock=clock)
+    client.record(OpType.INVOKE, "transfer", {"transfer": "t1"})
+    clock.time = 1000.5
+    worker.record(OpType.INVOKE, "debit", {"transfer": "t1"})
+    clock.time = 1001.0
+    client.record(OpType.OK, "transfer", {"transfer": "t1"})
+    clock.time = 1002.0
+    worker.record(OpType.INVOKE, "debit", {"transfer": "t1", "again": True})
+    client.close()
+    worker.close()
+    # A SIGKILL mid-write leaves a torn last line: it is skipped, not fatal.
+    with (tmp_path / "worker#1.jsonl").open("ab") as torn:
+        torn.write(b'{"seq": 3, "time": 1002.5, "proc')
+    assert [r.seq for r in read_history_file(tmp_path / "worker#1.jsonl")] == [1, 2]
+
+    history = merge_histories(
+        [tmp_path / "client.jsonl", tmp_path / "worker#1.jsonl"],
+        killed={"worker#1": 1003.0},
+    )
+    assert [(op.time, op.process, op.type, op.f) for op in history] == [
+        (0.0, "client", OpType.INVOKE, "transfer"),
+        (0.5, "worker#1", OpType.INVOKE, "debit"),
+        (1.0, "client", OpType.OK, "transfer"),
+        (2.0, "worker#1", OpType.INVOKE, "debit"),
+        (3.0, "worker#1", OpType.INFO, "debit"),
+        (3.0, "worker#1", OpType.INFO, "debit"),
+    ]
+    assert [op.index for op in history] == list(range(6))
+    # Both open invocations of the killed process are completed as unknown, in order.
+    completions = history.completions()
+    assert completions[1].type is OpType.INFO
+    assert completions[3].type is OpType.INFO
+    assert completions[0].type is OpType.OK
+    # A process that was not killed keeps its open invocation open.
+    alive = merge_histories([tmp_path / "worker#1.jsonl"])
+    assert [op.type for op in alive] == [OpType.INVOKE, OpType.INVOKE]
+
+
+def test_the_transfer_checkers_catch_a_double_credit_in_a_merged_history(tmp_path: Path) -> None:
+    # The checkers the chaos test relies on fail on a history in its shape that shows the bug.
+    clock = StepClock()
+    client = HistoryWriter(tmp_path / "client.jsonl", "client", clock=clock)
+    transfer: dict[str, JSONValue] = {"transfer": "bank-a/0", "amount": 5}
+    client.record(OpType.INVOKE, "transfer", transfer)
+    client.record(OpType.OK, "transfer", transfer)
+    client.close()
+    history = merge_histories([tmp_path / "client.jsonl"])
+    state: dict[str, Any] = {
+        "balances": {"a": 95, "b": 110},
+        "lowest": {"a": 95, "b": 100},
+        "debits": {"bank-a/0": 1},
+        "credits": {"bank-a/0": 2},
+        "rejected": {},
+        "dead_lettered_credits": {},
+        "dead_lettered_debits": [],
+        "deposited": 200,
+    }
+    history.append(1.0, "checker", OpType.OK, "read", state)
+    found = {v.invariant for v in run_checkers(TransfersScenario().checkers(), history, state)}
+    assert {"no_double_apply", "conservation"} <= found
+
+
+# -- processes, the nemesis and the drain ---------------------------------------------------------
+
+
+@dataclass
+class Incarnation:
+    """One start of a worker slot (``bank-a``, ``stage-1``...): a process with its own name."""
+
+    slot: str
+    name: str
+    process: asyncio.subprocess.Process
+    history: Path
+    stderr: Path
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    reader: asyncio.Task[None] | None = None
+    killed_at: float | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.process.returncode is None and self.killed_at is None
+
+
+class Cluster:
+    """The worker processes of one run, each in its own process group."""
+
+    def __init__(self, directory: Path, env: Mapping[str, str], slots: Mapping[str, list[str]]):
+        self.directory = directory
+        self.env = dict(env)
+        #: For each slot, the worker's command-line arguments after the module.
+        self.slots = dict(slots)
+        self.current: dict[str, Incarnation] = {}
+        self.all: list[Incarnation] = []
+        self.starts: dict[str, int] = {}
+
+    async def start(self, slot: str) -> Incarnation:
+        number = self.starts[slot] = self.starts.get(slot, 0) + 1
+        name = f"{slot}#{number}"
+        history = self.directory / f"{name}.jsonl"
+        stderr = self.directory / f"{name}.stderr"
+        with stderr.open("wb") as errors:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "collaborative_blocks.simulations.processes",
+                *self.slots[slot],
+                "--name",
+                name,
+                "--history",
+                str(history),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=errors,
+                env=self.env,
+                start_new_session=True,  # its own process group: killpg takes all of it
+            )
+        incarnation = Incarnation(slot, name, process, history, stderr)
+        incarnation.reader = asyncio.ensure_future(self._read(incarnation))
+        self.current[slot] = incarnation
+        self.all.append(incarnation)
+        return incarnation
+
+    async def _read(self, incarnation: Incarnation) -> None:
+        stdout = incarnation.process.stdout
+        assert stdout is not None
+        while line := await stdout.readline():
+            if line.strip() == b"ready":
+                incarnation.ready.set()
+
+    async def kill(self, incarnation: Incarnation) -> None:
+        if incarnation.process.returncode is None:
+            incarnation.killed_at = SystemClock().now()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(incarnation.process.pid, signal.SIGKILL)
+        await incarnation.process.wait()
+        if incarnation.reader is not None:
+            await incarnation.reader
+
+    async def all_ready(self, seconds: float) -> None:
+        """Every slot's current incarnation consumes (or one of them died: fail)."""
+        async with asyncio.timeout(seconds):
+            for incarnation in self.current.values():
+                waiter = asyncio.ensure_future(incarnation.ready.wait())
+                died = asyncio.ensure_future(incarnation.process.wait())
+                await asyncio.wait({waiter, died}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                died.cancel()
+                if not incarnation.ready.is_set():
+                    raise AssertionError(
+                        f"worker {incarnation.name} exited with {incarnation.process.returncode}"
+                        f" before it was ready:\n{tail(incarnation.stderr)}"
+                    )
+
+    async def stop(self) -> None:
+        for incarnation in self.all:
+            await self.kill(incarnation)
+
+    def killed(self) -> dict[str, float]:
+        return {i.name: i.killed_at for i in self.all if i.killed_at is not None}
+
+    def histories(self) -> list[Path]:
+        return [i.history for i in self.all if i.history.exists()]
+
+    def stderr_tails(self) -> str:
+        parts = [f"--- {i.name} stderr:\n{tail(i.stderr)}" for i in self.all if tail(i.stderr)]
+        return "\n".join(parts[-6:])
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    if not path.exists():
+        return ""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+async def nemesis(
+    cluster: Cluster,
+    rng: random.Random,
+    stop: asyncio.Event,
+    history: HistoryWriter,
+    schedule: list[str],
+    started: float,
+) -> None:
+    """Every KILL_INTERVAL, SIGKILL a random running worker and start its next incarnation."""
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), rng.uniform(*KILL_INTERVAL))
+            return
+        candidates = sorted(
+            slot for slot, i in cluster.current.items() if i.running and i.ready.is_set()
+        )
+        if not candidates:
+            continue
+        victim = cluster.current[rng.choice(candidates)]
+        history.record(OpType.INVOKE, "kill", {"process": victim.name})
+        await cluster.kill(victim)
+        history.record(OpType.INFO, "kill", {"process": victim.name})
+        schedule.append(f"t={time.monotonic() - started:6.2f}s  SIGKILL {victim.name}")
+        await cluster.start(victim.slot)
+
+
+async def poll_until(
+    condition: Callable[[], Awaitable[tuple[bool, str]]], deadline: float
+) -> tuple[bool, str]:
+    """Poll ``condition`` (every 200 ms) until it holds or ``deadline`` seconds passed."""
+    give_up = time.monotonic() + deadline
+    while True:
+        done, why = await condition()
+        if done or time.monotonic() > give_up:
+            return done, why
+        await asyncio.sleep(0.2)
+
+
+async def redis_in_flight(client: Any, key: str, groups: Sequence[str]) -> int:
+    """Entries of stream ``key`` that a group has not acknowledged: pending (delivered, not
+    acked) plus not yet delivered."""
+    info = await client.xinfo_stream(key)
+    last = info["last-generated-id"]
+    total = 0
+    for group in await client.xinfo_groups(key):
+        name = group["name"].decode() if isinstance(group["name"], bytes) else group["name"]
+        if name not in groups:
+            continue
+        total += int(group["pending"])
+        lag = group.get("lag")
+        if lag is not None:
+            total += int(lag)
+        elif group["last-delivered-id"] != last:
+            total += 1  # unknown how many; at least one is waiting
+    return total
+
+
+def judge(history: History, checkers: Sequence[Any], facts: Mapping[str, Any]) -> list[Violation]:
+    return run_checkers(checkers, history, facts)
+
+
+def report(
+    seed: int, schedule: Sequence[str], violations: Sequence[Violation], cluster: Cluster
+) -> str:
+    lines = [f"seed {seed} (rerun with CB_CHAOS_SEED={seed}); kill schedule:"]
+    lines.extend(f"  {entry}" for entry in schedule)
+    lines.extend(str(v) for v in violations)
+    lines.append(cluster.stderr_tails())
+    return "\n".join(lines)
+
+
+def counts(history: History) -> dict[str, int]:
+    """How much the kills exercised: operations whose outcome a kill hid, and handler runs
+    repeated for the same message (redelivered after a kill, or retried)."""
+    unknown = 0
+    runs: dict[tuple[str, str], int] = {}
+    for op in history:
+        if op.process.startswith(("nemesis", "client", "producer", "checker", "driver")):
+            continue
+        if op.type is OpType.INFO and op.f not in ("start",):
+            unknown += 1
+        value: Any = op.value
+        if op.type is OpType.INVOKE and isinstance(value, dict):
+            key = (op.f, str(value.get("transfer", value.get("n"))))
+            runs[key] = runs.get(key, 0) + 1
+    return {
+        "operations": len(history),
+        "unknown": unknown,
+        "repeated": sum(1 for n in runs.values() if n > 1),
+    }
+
+
+# -- fixtures -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Services:
+    broker_url: str
+    store_url: str
+    prefix: str
+    redis: Any
+    store: EventStore
+
+
+@pytest.fixture
+async def services() -> AsyncIterator[Services]:
+    require_redis()
+    require_postgres()
+    from redis.asyncio import Redis
+
+    prefix = f"cbchaos:{uuid.uuid4().hex[:10]}:"
+    client = Redis.from_url("redis://127.0.0.1:6379/0")
+    async with temporary_postgres_database() as store_url:
+        store = await open_postgres_store(store_url)
+        try:
+            yield Services(
+                f"redis://127.0.0.1:6379/0?prefix={prefix}&trim_every=0",
+                store_url,
+                prefix,
+                client,
+                store,
+            )
+        finally:
+            await store.close()
+            keys = [k async for k in client.scan_iter(match=f"{prefix}*")]
+            if keys:
+                await client.delete(*keys)
+            await client.aclose()
+
+
+def worker_env(services: Services) -> dict[str, str]:
+    return {
+        **os.environ,
+        "MESSAGE_BROKER_URL": services.broker_url,
+        "EVENT_STORE_URL": services.store_url,
+        "DISTRIBUTED_TRACING_ENABLED": "false",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def driver_broker(services: Services) -> MessageBroker:
+    settings = load_settings({"MESSAGE_BROKER_URL": services.broker_url})
+    return MessageBroker(settings=settings, clock=SystemClock(), rng=new_random(), tracing=False)
+
+
+# -- workload 1: transfers, EXACTLY_ONCE ----------------------------------------------------------
+
+
+async def transfer_client(
+    connector: SystemConnector,
+    bank: str,
+    rng: random.Random,
+    history: HistoryWriter,
+    stop: asyncio.Event,
+    acknowledged: set[str],
+) -> None:
+    others = [b for b in BANKS if b != bank]
+    k = 0
+    while not stop.is_set():
+        to_bank = rng.choice(others)
+        transfer: dict[str, JSONValue] = {
+            "transfer": f"{bank}/{k}",
+            "from": account_stream(bank, rng.randrange(ACCOUNTS_PER_BANK)),
+            "to": account_stream(to_bank, rng.randrange(ACCOUNTS_PER_BANK)),
+            "to_bank": to_bank,
+            "amount": rng.randint(1, 40),
+        }
+        k += 1
+        history.record(OpType.INVOKE, "transfer", transfer)
+        try:
+            sent = await connector.send_command(
+                bank,
+                "debit",
+                transfer,
+                guarantee=DeliveryGuarantee.EXACTLY_ONCE,
+                key=str(transfer["from"]),
+            )
+        except Exception as error:  # Redis may or may not have taken it
+            history.record(OpType.INFO, "transfer", transfer, repr(error))
+        else:
+            history.record(OpType.OK, "transfer", {**transfer, "message": sent})
+            acknowledged.add(str(transfer["transfer"]))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), rng.uniform(0.02, 0.12))
+
+
+async def test_transfers_survive_sigkilled_bank_workers(services: Services, tmp_path: Path) -> None:
+    seed = chaos_seed()
+    print(f"chaos seed {seed}")
+    rng = random.Random(seed)
+    clock = SystemClock()
+    await open_accounts(services.store)
+    cluster = Cluster(
+        tmp_path,
+        worker_env(services),
+        {bank: ["bank", "--bank", bank, "--think", THINK] for bank in BANKS},
+    )
+    schedule: list[str] = []
+    driver_history = HistoryWriter(tmp_path / "driver.jsonl", "driver", clock=clock)
+    nemesis_history = HistoryWriter(tmp_path / "nemesis.jsonl", "nemesis", clock=clock)
+    clients = {
+        bank: HistoryWriter(tmp_path / f"client-{bank}.jsonl", f"client-{bank}", clock=clock)
+        for bank in BANKS
+    }
+    broker = driver_broker(services)
+    acknowledged: set[str] = set()
+    started = time.monotonic()
+    try:
+        async with asyncio.timeout(HANG_GUARD_SECONDS):
+            for bank in BANKS:
+                await cluster.start(bank)
+            await cluster.all_ready(READY_TIMEOUT)
+            connector = await SystemConnector("client", broker).start()
+            stop = asyncio.Event()
+            killing = asyncio.ensure_future(
+                nemesis(
+                    cluster, random.Random(rng.random()), stop, nemesis_history, schedule, started
+                )
+            )
+            driving = [
+                asyncio.ensure_future(
+                    transfer_client(
+                        connector,
+                        bank,
+                        random.Random(rng.random()),
+                        clients[bank],
+                        stop,
+                        acknowledged,
+                    )
+                )
+                for bank in BANKS
+            ]
+            await asyncio.sleep(WORKLOAD_SECONDS)
+            stop.set()
+            await asyncio.gather(killing, *driving)
+            await cluster.all_ready(READY_TIMEOUT)
+
+            async def drained() -> tuple[bool, str]:
+                state = await read_transfers_state(services.store)
+                applied = (
+                    set(state["debits"])
+                    | set(state["rejected"])
+                    | set(state["dead_lettered_debits"])
+                )
+                credited = set(state["credits"]) | set(state["dead_lettered_credits"])
+                in_flight = 0
+                for bank in BANKS:
+                    key = f"{services.prefix}cb.inbox.{bank}"
+                    if await services.redis.exists(key):
+                        in_flight += await redis_in_flight(services.redis, key, [bank])
+                waiting = acknowledged - applied
+                uncredited = set(state["debits"]) - credited
+                why = (
+                    f"{len(waiting)} acknowledged transfers not applied, {len(uncredited)} "
+                    f"debited but not credited, {in_flight} commands in flight"
+                )
+                return not waiting and not uncredited and in_flight == 0, why
+
+            settled, why = await poll_until(drained, DRAIN_DEADLINE_SECONDS)
+            state = await read_transfers_state(services.store)
+            driver_history.record(OpType.INFO, "drained", {"settled": settled, "why": why})
+    finally:
+        await broker.close()
+        await cluster.stop()
+        for writer in (driver_history, nemesis_history, *clients.values()):
+            writer.close()
+
+    history = merge_histories(
+        [
+            driver_history.path,
+            nemesis_history.path,
+            *(w.path for w in clients.values()),
+            *cluster.histories(),
+        ],
+        killed=cluster.killed(),
+    )
+    history.append(history[-1].time if len(history) else 0.0, "checker", OpType.OK, "read", state)
+    violations = judge(history, TransfersScenario().checkers(), state)
+    if not settled:
+        violations.append(
+            Violation("liveness", f"did not drain in {DRAIN_DEADLINE_SECONDS}s: {why}")
+        )
+    stats = counts(history)
+    print(
+        f"{len(acknowledged)} transfers acknowledged, {len(state['debits'])} debited, "
+        f"{len(state['rejected'])} rejected, {len(state['dead_lettered_debits'])} + "
+        f"{len(state['dead_lettered_credits'])} dead-lettered debits + credits; "
+        f"{len(schedule)} kills; {stats}"
+    )
+    print("\n".join(schedule))
+    assert not violations, report(seed, schedule, violations, cluster)
+    assert len(schedule) >= 5, f"the nemesis killed only {len(schedule)} workers"
+    # Coverage: some kill landed inside a handler (a green run must mean the kills hit).
+    assert stats["unknown"] > 0, report(seed, schedule, [], cluster)
+    assert acknowledged, "no transfer was sent"
+
+
+# -- workload 2: pipeline, AT_LEAST_ONCE ----------------------------------------------------------
+
+JOBS = 400
+BURST = 10
+POISON_EVERY = 50
+
+
+async def produce(
+    connector: SystemConnector, history: HistoryWriter, rng: random.Random
+) -> set[int]:
+    """Publish JOBS numbered ``job.created`` events in bursts; every POISON_EVERY-th is
+    poison. Returns the acknowledged job numbers."""
+    acknowledged: set[int] = set()
+
+    async def publish(n: int) -> None:
+        job: dict[str, JSONValue] = {"n": n, "poison": n % POISON_EVERY == POISON_EVERY // 2}
+        history.record(OpType.INVOKE, "publish", job)
+        try:
+            sent = await connector.publish_event(
+                "job.created", job, guarantee=DeliveryGuarantee.AT_LEAST_ONCE, key=str(n)
+            )
+        except Exception as error:
+            history.record(OpType.INFO, "publish", job, repr(error))
+        else:
+            history.record(OpType.OK, "publish", {**job, "id": sent})
+            acknowledged.add(n)
+
+    pace = WORKLOAD_SECONDS / (JOBS / BURST)
+    for first in range(0, JOBS, BURST):
+        # One operation per publish, sequential within the producer so that each INVOKE is
+        # completed before the next (the history pairs them by process).
+        for n in range(first, min(first + BURST, JOBS)):
+            await publish(n)
+        await asyncio.sleep(rng.uniform(0.5 * pace, 1.5 * pace))
+    return acknowledged
+
+
+async def test_pipeline_survives_sigkilled_stage_and_sink_workers(
+    services: Services, tmp_path: Path
+) -> None:
+    seed = chaos_seed()
+    print(f"chaos seed {seed}")
+    rng = random.Random(seed)
+    clock = SystemClock()
+    slots = {
+        "stage-1": ["stage", "--think", THINK],
+        "stage-2": ["stage", "--think", THINK],
+        "sink": ["sink", "--think", THINK],
+    }
+    cluster = Cluster(tmp_path, worker_env(services), slots)
+    schedule: list[str] = []
+    producer_history = HistoryWriter(tmp_path / "producer.jsonl", "producer", clock=clock)
+    nemesis_history = HistoryWriter(tmp_path / "nemesis.jsonl", "nemesis", clock=clock)
+    broker = driver_broker(services)
+    key = f"{services.prefix}cb.events"
+    started = time.monotonic()
+    try:
+        async with asyncio.timeout(HANG_GUARD_SECONDS):
+            for slot in slots:
+                await cluster.start(slot)
+            # The groups exist (from the start of the stream) before the first publish.
+            await cluster.all_ready(READY_TIMEOUT)
+            connector = await SystemConnector("producer", broker).start()
+            stop = asyncio.Event()
+            killing = asyncio.ensure_future(
+                nemesis(
+                    cluster, random.Random(rng.random()), stop, nemesis_history, schedule, started
+                )
+            )
+            try:
+                acknowledged = await produce(
+                    connector, producer_history, random.Random(rng.random())
+                )
+            finally:
+                stop.set()
+                await killing
+            await cluster.all_ready(READY_TIMEOUT)
+
+            async def drained() -> tuple[bool, str]:
+                processed, dead = await read_pipeline_outcome(services.store)
+                in_flight = await redis_in_flight(services.redis, key, ["stage", "sink"])
+                waiting = acknowledged - set(processed) - dead
+                why = f"{len(waiting)} acknowledged jobs neither processed nor dead-lettered, "
+                why += f"{in_flight} messages in flight"
+                return not waiting and in_flight == 0, why
+
+            settled, why = await poll_until(drained, DRAIN_DEADLINE_SECONDS)
+            processed, dead = await read_pipeline_outcome(services.store)
+            in_flight = await redis_in_flight(services.redis, key, ["stage", "sink"])
+    finally:
+        await broker.close()
+        await cluster.stop()
+        producer_history.close()
+        nemesis_history.close()
+
+    history = merge_histories(
+        [producer_history.path, nemesis_history.path, *cluster.histories()],
+        killed=cluster.killed(),
+    )
+    read: dict[str, JSONValue] = {
+        "processed": sorted(set(processed)),
+        "dead_lettered": sorted(dead),
+        "in_flight": in_flight,
+    }
+    history.append(history[-1].time, "checker", OpType.OK, "read", read)
+    violations = run_checkers(PipelineScenario().checkers(), history, read)
+    if not settled:
+        violations.append(
+            Violation("liveness", f"did not drain in {DRAIN_DEADLINE_SECONDS}s: {why}")
+        )
+    stats = counts(history)
+    print(
+        f"{len(acknowledged)} jobs acknowledged, {len(set(processed))} processed "
+        f"({len(processed) - len(set(processed))} duplicates), {len(dead)} dead-lettered; "
+        f"{len(schedule)} kills; {stats}"
+    )
+    print("\n".join(schedule))
+    assert not violations, report(seed, schedule, violations, cluster)
+    assert len(schedule) >= 5, f"the nemesis killed only {len(schedule)} workers"
+    assert stats["unknown"] > 0, report(seed, schedule, [], cluster)
+    assert len(acknowledged) == JOBS
