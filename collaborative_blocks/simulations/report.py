@@ -443,7 +443,11 @@ def _timeline_figure(result: SimulationResult) -> Any:
                         else {}
                     ),
                 )
+    # Phases that end at the same instant share one line and one label.
+    ends: dict[float, list[str]] = {}
     for phase, when in sorted(result.phase_ends.items(), key=lambda item: item[1]):
+        ends.setdefault(when, []).append(_e(phase))
+    for when, phases in ends.items():
         for row in range(1, 5):
             fig.add_vline(
                 x=when,
@@ -452,7 +456,10 @@ def _timeline_figure(result: SimulationResult) -> Any:
                 row=row,
                 col=1,
                 **(
-                    {"annotation_text": f"end of {_e(phase)}", "annotation_position": "top right"}
+                    {
+                        "annotation_text": f"end of {' and '.join(phases)}",
+                        "annotation_position": "top right",
+                    }
                     if row == 1
                     else {}
                 ),
@@ -520,6 +527,10 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .verdict { font-size: 1.15em; }
 pre { background: #f6f6f6; padding: 0.5em; overflow-x: auto; white-space: pre-wrap; }
 pre.replay { background: #fff7e6; border-left: 3px solid #e69500; }
+dl { display: grid; grid-template-columns: max-content 1fr; gap: 0.2em 1em; }
+dt { font-weight: 600; }
+dd { margin: 0; }
+dd pre { margin: 0; }
 .run { border: 1px solid #e5c4c4; border-radius: 4px; padding: 0 1em 0.5em; margin: 1em 0; }
 .violation { color: #c0262d; }
 table.ops td { font-family: ui-monospace, monospace; font-size: 0.9em; }

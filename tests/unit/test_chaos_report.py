@@ -262,3 +262,24 @@ def test_invariants_of_installed_scenarios_are_looked_up() -> None:
     # A scenario that is not installed (a plugin not importable here) still renders.
     text = " ".join(parse(render_report([make_result("not-installed", 0)])).text)
     assert "(none violated)" in text
+
+
+def test_phases_ending_together_share_one_label() -> None:
+    base = make_result("pipeline", 0)
+    result = SimulationResult(
+        scenario="pipeline",
+        seed=0,
+        faults=base.faults,
+        digest=base.digest,
+        history=base.history,
+        timeline=base.timeline,
+        phase_ends={"safety": 5.0, "liveness": 5.0},
+    )
+    page = parse(render_report([result]))
+    script = next(s for s in page.scripts if 'Plotly.newPlot("timeline-0"' in s)
+    _, layout = figure(script)
+    annotations = layout["annotations"]
+    assert isinstance(annotations, list)
+    texts = [a["text"] for a in annotations]
+    assert "end of safety and liveness" in texts
+    assert not any(t in ("end of safety", "end of liveness") for t in texts)
