@@ -28,7 +28,8 @@ import asyncio
 import heapq
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import signal
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,15 +44,25 @@ from collaborative_blocks.core.messaging.envelope import (
     Message,
     MessageType,
 )
-from collaborative_blocks.core.randomness import new_random
+from collaborative_blocks.core.randomness import Random, new_random
 from collaborative_blocks.core.settings import load_settings
 from collaborative_blocks.simulations.results import History, OpType
 from collaborative_blocks.stores import open_store
-from collaborative_blocks.stores.base import EventStore, NewEvent
+from collaborative_blocks.stores.base import (
+    AppendRequest,
+    EventStore,
+    NewEvent,
+    Snapshot,
+    StoredEvent,
+    StoreStats,
+    StreamInfo,
+    Tracking,
+)
 
 __all__ = [
     "ACCOUNTS_PER_BANK",
     "BANKS",
+    "CrashAfterCommitStore",
     "INITIAL_BALANCE",
     "HistoryRecord",
     "HistoryWriter",
@@ -311,6 +322,95 @@ async def read_pipeline_outcome(store: EventStore) -> tuple[list[int], set[int]]
     return processed, dead
 
 
+# -- a store that dies in the worst window --------------------------------------------------------
+
+
+class CrashAfterCommitStore(EventStore):
+    """Delegates to ``inner``; right after a commit that holds a handler's effects (an append
+    to one of this module's ``chaos-`` streams) it SIGKILLs its own process with probability
+    ``probability``: the effect is durable, the message not yet acknowledged. That is the
+    window where a redelivery must not repeat the effect (EXACTLY_ONCE's inbox)."""
+
+    def __init__(self, inner: EventStore, probability: float, rng: Random) -> None:
+        self._inner = inner
+        self._probability = probability
+        self._rng = rng
+        self.url = inner.url
+
+    async def append_many(
+        self, requests: Sequence[AppendRequest], *, tracking: Tracking | None = None
+    ) -> list[list[int]]:
+        positions = await self._inner.append_many(requests, tracking=tracking)
+        if any(r.stream.startswith("chaos-") for r in requests) and (
+            self._rng.random() < self._probability
+        ):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return positions
+
+    async def read(
+        self,
+        stream: str,
+        *,
+        from_version: int = 0,
+        to_version: int | None = None,
+        limit: int | None = None,
+        backwards: bool = False,
+    ) -> list[StoredEvent]:
+        return await self._inner.read(
+            stream,
+            from_version=from_version,
+            to_version=to_version,
+            limit=limit,
+            backwards=backwards,
+        )
+
+    async def read_all(
+        self,
+        *,
+        from_position: int = 1,
+        to_position: int | None = None,
+        limit: int | None = None,
+        topics: Sequence[str] = (),
+    ) -> list[StoredEvent]:
+        return await self._inner.read_all(
+            from_position=from_position, to_position=to_position, limit=limit, topics=topics
+        )
+
+    async def max_position(self) -> int:
+        return await self._inner.max_position()
+
+    async def stream_version(self, stream: str) -> int:
+        return await self._inner.stream_version(stream)
+
+    async def streams(self, *, prefix: str = "", limit: int = 100) -> list[StreamInfo]:
+        return await self._inner.streams(prefix=prefix, limit=limit)
+
+    async def stats(self) -> StoreStats:
+        return await self._inner.stats()
+
+    def subscribe(
+        self, *, from_position: int = 1, topics: Sequence[str] = (), batch_size: int = 500
+    ) -> AsyncIterator[StoredEvent]:
+        return self._inner.subscribe(
+            from_position=from_position, topics=topics, batch_size=batch_size
+        )
+
+    async def consumer_position(self, consumer: str) -> int | None:
+        return await self._inner.consumer_position(consumer)
+
+    async def has_processed(self, consumer: str, message_id: str) -> bool:
+        return await self._inner.has_processed(consumer, message_id)
+
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        await self._inner.save_snapshot(snapshot)
+
+    async def latest_snapshot(self, stream: str) -> Snapshot | None:
+        return await self._inner.latest_snapshot(stream)
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
 # -- the workers -----------------------------------------------------------------------------------
 
 
@@ -355,10 +455,15 @@ class _Think:
 
 
 def serve_bank(
-    connector: SystemConnector, history: HistoryWriter, think: _Think | None = None
+    connector: SystemConnector,
+    history: HistoryWriter,
+    think: _Think | None = None,
+    guarantee: DeliveryGuarantee = DeliveryGuarantee.EXACTLY_ONCE,
 ) -> None:
     """``debit`` (check the balance, debit, send ``credit`` through the outbox, or reject)
-    and ``credit``, both EXACTLY_ONCE: the effect and the inbox record are one transaction."""
+    and ``credit``. With the ``guarantee`` EXACTLY_ONCE (for the credits it sends; the
+    driver chooses the debits') the effect and the inbox record are one transaction;
+    AT_LEAST_ONCE is the planted bug a chaos test must catch."""
     bank = connector.system_id
     pause = think or _Think(0.0, SystemClock())
 
@@ -391,7 +496,7 @@ def serve_bank(
                 {"transfer": transfer, "to": data["to"], "amount": data["amount"]},
                 target=data["to_bank"],
                 key=data["to"],
-                guarantee=DeliveryGuarantee.EXACTLY_ONCE,
+                guarantee=guarantee,
             )
         )
         # OK: the handler decided; the broker commits the effect with the inbox record next
@@ -470,21 +575,31 @@ def serve_sink(
 
 
 async def run_worker(
-    role: str, name: str, history_path: Path, bank: str | None = None, think: float = 0.0
+    role: str,
+    name: str,
+    history_path: Path,
+    bank: str | None = None,
+    think: float = 0.0,
+    crash_after_commit: float = 0.0,
+    guarantee: DeliveryGuarantee = DeliveryGuarantee.EXACTLY_ONCE,
 ) -> None:
     """Serve ``role`` until killed; print ``ready`` once the consumers run. ``think``: the
-    longest random pause a handler makes, in seconds."""
+    longest random pause a handler makes, in seconds; ``crash_after_commit``: the chance
+    to SIGKILL itself right after committing a handler's effects (before the ack);
+    ``guarantee``: what a bank sends its credits with."""
     clock = SystemClock()
     pause = _Think(think, clock)
     settings = load_settings()
     history = HistoryWriter(history_path, name, clock=clock)
     store = await open_store(settings.event_store_url, clock=clock)
+    if crash_after_commit > 0:
+        store = CrashAfterCommitStore(store, crash_after_commit, new_random())
     broker = worker_broker(store, clock=clock)
     try:
         if role == "bank":
             if bank is None:
                 raise SystemExit("a bank worker needs --bank NAME")
-            serve_bank(SystemConnector(bank, broker, instance=name), history, pause)
+            serve_bank(SystemConnector(bank, broker, instance=name), history, pause, guarantee)
         elif role == "stage":
             serve_stage(SystemConnector("stage", broker, instance=name), history, pause)
         elif role == "sink":
@@ -510,8 +625,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--think", type=float, default=0.0, help="longest random pause in a handler (seconds)"
     )
+    parser.add_argument(
+        "--crash-after-commit",
+        type=float,
+        default=0.0,
+        help="chance to SIGKILL itself right after a handler's commit, before the ack",
+    )
+    parser.add_argument(
+        "--guarantee",
+        choices=[g.name.lower() for g in DeliveryGuarantee],
+        default="exactly_once",
+        help="the guarantee a bank sends credits with (at_least_once is a planted bug)",
+    )
     args = parser.parse_args(argv)
-    asyncio.run(run_worker(args.role, args.name, args.history, args.bank, args.think))
+    asyncio.run(
+        run_worker(
+            args.role,
+            args.name,
+            args.history,
+            args.bank,
+            args.think,
+            args.crash_after_commit,
+            DeliveryGuarantee[args.guarantee.upper()],
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -73,6 +73,11 @@ KILL_INTERVAL = (0.3, 1.0)
 #: The longest random pause a worker's handler makes (real work takes time; kills then land
 #: inside handlers, not only between them).
 THINK = "0.02"
+#: The chance a worker SIGKILLs itself right after committing a handler's effects, before
+#: the ack: the window where only the inbox prevents a second effect.
+CRASH_AFTER_COMMIT = 0.01
+#: The planted-bug run's workload (no nemesis: the crashes after commit are enough).
+PLANTED_SECONDS = 6.0
 READY_TIMEOUT = 30.0
 
 
@@ -179,6 +184,7 @@ class Incarnation:
     stderr: Path
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     reader: asyncio.Task[None] | None = None
+    #: When it was SIGKILLed, or found dead (a worker that killed itself).
     killed_at: float | None = None
 
     @property
@@ -187,16 +193,32 @@ class Incarnation:
 
 
 class Cluster:
-    """The worker processes of one run, each in its own process group."""
+    """The worker processes of one run, each in its own process group, and their supervisor:
+    a worker that dies by itself (``--crash-after-commit``) is restarted at once."""
 
-    def __init__(self, directory: Path, env: Mapping[str, str], slots: Mapping[str, list[str]]):
+    def __init__(
+        self,
+        directory: Path,
+        env: Mapping[str, str],
+        slots: Mapping[str, list[str]],
+        log: HistoryWriter,
+    ) -> None:
         self.directory = directory
         self.env = dict(env)
         #: For each slot, the worker's command-line arguments after the module.
         self.slots = dict(slots)
+        self.log = log
         self.current: dict[str, Incarnation] = {}
         self.all: list[Incarnation] = []
         self.starts: dict[str, int] = {}
+        self.schedule: list[str] = []
+        self.started = time.monotonic()
+        self.stopping = False
+        #: Workers that exited other than by SIGKILL (a crash of the worker code: a bug).
+        self.unexpected: list[str] = []
+
+    def note(self, what: str) -> None:
+        self.schedule.append(f"t={time.monotonic() - self.started:6.2f}s  {what}")
 
     async def start(self, slot: str) -> Incarnation:
         number = self.starts[slot] = self.starts.get(slot, 0) + 1
@@ -219,45 +241,67 @@ class Cluster:
                 start_new_session=True,  # its own process group: killpg takes all of it
             )
         incarnation = Incarnation(slot, name, process, history, stderr)
-        incarnation.reader = asyncio.ensure_future(self._read(incarnation))
+        incarnation.reader = asyncio.ensure_future(self._supervise(incarnation))
         self.current[slot] = incarnation
         self.all.append(incarnation)
         return incarnation
 
-    async def _read(self, incarnation: Incarnation) -> None:
-        stdout = incarnation.process.stdout
-        assert stdout is not None
-        while line := await stdout.readline():
+    async def _supervise(self, incarnation: Incarnation) -> None:
+        process = incarnation.process
+        assert process.stdout is not None
+        while line := await process.stdout.readline():
             if line.strip() == b"ready":
                 incarnation.ready.set()
+        code = await process.wait()
+        if incarnation.killed_at is not None or self.stopping:
+            return  # the nemesis (or the end of the test) killed it
+        incarnation.killed_at = SystemClock().now()
+        if code != -signal.SIGKILL:
+            self.unexpected.append(f"{incarnation.name} exited with {code}")
+        self.log.record(OpType.INFO, "crash", {"process": incarnation.name, "exit": code})
+        self.note(f"{incarnation.name} died by itself (exit {code}); restarted")
+        if self.current.get(incarnation.slot) is incarnation:
+            await self.start(incarnation.slot)
 
     async def kill(self, incarnation: Incarnation) -> None:
-        if incarnation.process.returncode is None:
+        if incarnation.process.returncode is None and incarnation.killed_at is None:
             incarnation.killed_at = SystemClock().now()
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(incarnation.process.pid, signal.SIGKILL)
         await incarnation.process.wait()
-        if incarnation.reader is not None:
-            await incarnation.reader
 
     async def all_ready(self, seconds: float) -> None:
-        """Every slot's current incarnation consumes (or one of them died: fail)."""
+        """Every slot's current incarnation consumes (restarted ones included)."""
         async with asyncio.timeout(seconds):
-            for incarnation in self.current.values():
-                waiter = asyncio.ensure_future(incarnation.ready.wait())
-                died = asyncio.ensure_future(incarnation.process.wait())
-                await asyncio.wait({waiter, died}, return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
-                died.cancel()
-                if not incarnation.ready.is_set():
-                    raise AssertionError(
-                        f"worker {incarnation.name} exited with {incarnation.process.returncode}"
-                        f" before it was ready:\n{tail(incarnation.stderr)}"
-                    )
+            while True:
+                waiting = [i for i in self.current.values() if not i.ready.is_set()]
+                if not waiting:
+                    return
+                for incarnation in waiting:
+                    if incarnation.process.returncode is None:
+                        ready = asyncio.ensure_future(incarnation.ready.wait())
+                        died = asyncio.ensure_future(incarnation.process.wait())
+                        await asyncio.wait({ready, died}, return_when=asyncio.FIRST_COMPLETED)
+                        ready.cancel()
+                        died.cancel()
+                    if not incarnation.ready.is_set():
+                        # Died before it was ready: let the supervisor start the next one.
+                        await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
-        for incarnation in self.all:
-            await self.kill(incarnation)
+        """Kill every worker; a supervisor already restarting one adds it to ``all``, so
+        repeat until a pass finds nothing new."""
+        self.stopping = True
+        done = 0
+        while done < len(self.all):
+            batch = self.all[done:]
+            done = len(self.all)
+            for incarnation in batch:
+                await self.kill(incarnation)
+            for incarnation in batch:
+                if incarnation.reader is not None:
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await incarnation.reader
 
     def killed(self) -> dict[str, float]:
         return {i.name: i.killed_at for i in self.all if i.killed_at is not None}
@@ -276,14 +320,7 @@ def tail(path: Path, lines: int = 15) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
-async def nemesis(
-    cluster: Cluster,
-    rng: random.Random,
-    stop: asyncio.Event,
-    history: HistoryWriter,
-    schedule: list[str],
-    started: float,
-) -> None:
+async def nemesis(cluster: Cluster, rng: random.Random, stop: asyncio.Event) -> None:
     """Every KILL_INTERVAL, SIGKILL a random running worker and start its next incarnation."""
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
@@ -295,10 +332,10 @@ async def nemesis(
         if not candidates:
             continue
         victim = cluster.current[rng.choice(candidates)]
-        history.record(OpType.INVOKE, "kill", {"process": victim.name})
+        cluster.log.record(OpType.INVOKE, "kill", {"process": victim.name})
         await cluster.kill(victim)
-        history.record(OpType.INFO, "kill", {"process": victim.name})
-        schedule.append(f"t={time.monotonic() - started:6.2f}s  SIGKILL {victim.name}")
+        cluster.log.record(OpType.INFO, "kill", {"process": victim.name})
+        cluster.note(f"SIGKILL {victim.name}")
         await cluster.start(victim.slot)
 
 
@@ -317,6 +354,8 @@ async def poll_until(
 async def redis_in_flight(client: Any, key: str, groups: Sequence[str]) -> int:
     """Entries of stream ``key`` that a group has not acknowledged: pending (delivered, not
     acked) plus not yet delivered."""
+    if not await client.exists(key):
+        return 0
     info = await client.xinfo_stream(key)
     last = info["last-generated-id"]
     total = 0
@@ -333,38 +372,33 @@ async def redis_in_flight(client: Any, key: str, groups: Sequence[str]) -> int:
     return total
 
 
-def judge(history: History, checkers: Sequence[Any], facts: Mapping[str, Any]) -> list[Violation]:
-    return run_checkers(checkers, history, facts)
-
-
-def report(
-    seed: int, schedule: Sequence[str], violations: Sequence[Violation], cluster: Cluster
-) -> str:
-    lines = [f"seed {seed} (rerun with CB_CHAOS_SEED={seed}); kill schedule:"]
-    lines.extend(f"  {entry}" for entry in schedule)
+def report(seed: int, cluster: Cluster, violations: Sequence[Violation] = ()) -> str:
+    lines = [f"seed {seed} (rerun with CB_CHAOS_SEED={seed}); kills and crashes:"]
+    lines.extend(f"  {entry}" for entry in cluster.schedule)
     lines.extend(str(v) for v in violations)
+    lines.extend(cluster.unexpected)
     lines.append(cluster.stderr_tails())
     return "\n".join(lines)
 
 
 def counts(history: History) -> dict[str, int]:
-    """How much the kills exercised: operations whose outcome a kill hid, and handler runs
-    repeated for the same message (redelivered after a kill, or retried)."""
+    """How much the kills exercised: operations whose outcome a kill hid, and handler work
+    taken over by another incarnation (redelivered after its first runner died)."""
     unknown = 0
-    runs: dict[tuple[str, str], int] = {}
+    runners: dict[tuple[str, str], set[str]] = {}
     for op in history:
-        if op.process.startswith(("nemesis", "client", "producer", "checker", "driver")):
-            continue
-        if op.type is OpType.INFO and op.f not in ("start",):
+        if "#" not in op.process:
+            continue  # not a worker
+        if op.type is OpType.INFO and op.f != "start":
             unknown += 1
         value: Any = op.value
         if op.type is OpType.INVOKE and isinstance(value, dict):
             key = (op.f, str(value.get("transfer", value.get("n"))))
-            runs[key] = runs.get(key, 0) + 1
+            runners.setdefault(key, set()).add(op.process)
     return {
         "operations": len(history),
         "unknown": unknown,
-        "repeated": sum(1 for n in runs.values() if n > 1),
+        "taken_over": sum(1 for who in runners.values() if len(who) > 1),
     }
 
 
@@ -431,6 +465,7 @@ async def transfer_client(
     history: HistoryWriter,
     stop: asyncio.Event,
     acknowledged: set[str],
+    guarantee: DeliveryGuarantee,
 ) -> None:
     others = [b for b in BANKS if b != bank]
     k = 0
@@ -441,17 +476,13 @@ async def transfer_client(
             "from": account_stream(bank, rng.randrange(ACCOUNTS_PER_BANK)),
             "to": account_stream(to_bank, rng.randrange(ACCOUNTS_PER_BANK)),
             "to_bank": to_bank,
-            "amount": rng.randint(1, 40),
+            "amount": rng.randint(1, 25),
         }
         k += 1
         history.record(OpType.INVOKE, "transfer", transfer)
         try:
             sent = await connector.send_command(
-                bank,
-                "debit",
-                transfer,
-                guarantee=DeliveryGuarantee.EXACTLY_ONCE,
-                key=str(transfer["from"]),
+                bank, "debit", transfer, guarantee=guarantee, key=str(transfer["from"])
             )
         except Exception as error:  # Redis may or may not have taken it
             history.record(OpType.INFO, "transfer", transfer, repr(error))
@@ -462,27 +493,53 @@ async def transfer_client(
             await asyncio.wait_for(stop.wait(), rng.uniform(0.02, 0.12))
 
 
-async def test_transfers_survive_sigkilled_bank_workers(services: Services, tmp_path: Path) -> None:
-    seed = chaos_seed()
-    print(f"chaos seed {seed}")
+@dataclass
+class TransfersRun:
+    seed: int
+    cluster: Cluster
+    history: History
+    state: dict[str, Any]
+    acknowledged: set[str]
+    violations: list[Violation]
+
+    def summary(self) -> str:
+        state = self.state
+        return (
+            f"{len(self.acknowledged)} transfers acknowledged, {len(state['debits'])} debited, "
+            f"{len(state['rejected'])} rejected, {len(state['dead_lettered_debits'])} + "
+            f"{len(state['dead_lettered_credits'])} dead-lettered debits + credits; "
+            f"{len(self.cluster.schedule)} kills and crashes; {counts(self.history)}"
+        )
+
+
+async def run_transfers(
+    services: Services,
+    directory: Path,
+    seed: int,
+    *,
+    kill: bool,
+    crash_after_commit: float,
+    guarantee: DeliveryGuarantee,
+    seconds: float,
+    require_credits: bool,
+) -> TransfersRun:
+    """Three bank workers, a client per bank sending transfers for ``seconds`` (with
+    ``guarantee``) while the nemesis kills (``kill``), then the drain, the final read and
+    the transfers scenario's checkers."""
     rng = random.Random(seed)
     clock = SystemClock()
     await open_accounts(services.store)
-    cluster = Cluster(
-        tmp_path,
-        worker_env(services),
-        {bank: ["bank", "--bank", bank, "--think", THINK] for bank in BANKS},
-    )
-    schedule: list[str] = []
-    driver_history = HistoryWriter(tmp_path / "driver.jsonl", "driver", clock=clock)
-    nemesis_history = HistoryWriter(tmp_path / "nemesis.jsonl", "nemesis", clock=clock)
+    log = HistoryWriter(directory / "nemesis.jsonl", "nemesis", clock=clock)
+    worker_args = ["--think", THINK, "--crash-after-commit", str(crash_after_commit)]
+    worker_args += ["--guarantee", guarantee.value]
+    slots = {bank: ["bank", "--bank", bank, *worker_args] for bank in BANKS}
+    cluster = Cluster(directory, worker_env(services), slots, log)
     clients = {
-        bank: HistoryWriter(tmp_path / f"client-{bank}.jsonl", f"client-{bank}", clock=clock)
+        bank: HistoryWriter(directory / f"client-{bank}.jsonl", f"client-{bank}", clock=clock)
         for bank in BANKS
     }
     broker = driver_broker(services)
     acknowledged: set[str] = set()
-    started = time.monotonic()
     try:
         async with asyncio.timeout(HANG_GUARD_SECONDS):
             for bank in BANKS:
@@ -490,44 +547,41 @@ async def test_transfers_survive_sigkilled_bank_workers(services: Services, tmp_
             await cluster.all_ready(READY_TIMEOUT)
             connector = await SystemConnector("client", broker).start()
             stop = asyncio.Event()
-            killing = asyncio.ensure_future(
-                nemesis(
-                    cluster, random.Random(rng.random()), stop, nemesis_history, schedule, started
+            chaos = [nemesis(cluster, random.Random(rng.random()), stop)] if kill else []
+            tasks = [
+                asyncio.ensure_future(work)
+                for work in (
+                    *chaos,
+                    *(
+                        transfer_client(
+                            connector,
+                            bank,
+                            random.Random(rng.random()),
+                            clients[bank],
+                            stop,
+                            acknowledged,
+                            guarantee,
+                        )
+                        for bank in BANKS
+                    ),
                 )
-            )
-            driving = [
-                asyncio.ensure_future(
-                    transfer_client(
-                        connector,
-                        bank,
-                        random.Random(rng.random()),
-                        clients[bank],
-                        stop,
-                        acknowledged,
-                    )
-                )
-                for bank in BANKS
             ]
-            await asyncio.sleep(WORKLOAD_SECONDS)
+            await asyncio.sleep(seconds)
             stop.set()
-            await asyncio.gather(killing, *driving)
+            await asyncio.gather(*tasks)
             await cluster.all_ready(READY_TIMEOUT)
 
             async def drained() -> tuple[bool, str]:
                 state = await read_transfers_state(services.store)
-                applied = (
-                    set(state["debits"])
-                    | set(state["rejected"])
-                    | set(state["dead_lettered_debits"])
-                )
+                applied = set(state["debits"]) | set(state["rejected"])
+                applied |= set(state["dead_lettered_debits"])
                 credited = set(state["credits"]) | set(state["dead_lettered_credits"])
                 in_flight = 0
                 for bank in BANKS:
                     key = f"{services.prefix}cb.inbox.{bank}"
-                    if await services.redis.exists(key):
-                        in_flight += await redis_in_flight(services.redis, key, [bank])
+                    in_flight += await redis_in_flight(services.redis, key, [bank])
                 waiting = acknowledged - applied
-                uncredited = set(state["debits"]) - credited
+                uncredited = set(state["debits"]) - credited if require_credits else set()
                 why = (
                     f"{len(waiting)} acknowledged transfers not applied, {len(uncredited)} "
                     f"debited but not credited, {in_flight} commands in flight"
@@ -536,41 +590,75 @@ async def test_transfers_survive_sigkilled_bank_workers(services: Services, tmp_
 
             settled, why = await poll_until(drained, DRAIN_DEADLINE_SECONDS)
             state = await read_transfers_state(services.store)
-            driver_history.record(OpType.INFO, "drained", {"settled": settled, "why": why})
     finally:
         await broker.close()
         await cluster.stop()
-        for writer in (driver_history, nemesis_history, *clients.values()):
+        for writer in (log, *clients.values()):
             writer.close()
 
     history = merge_histories(
-        [
-            driver_history.path,
-            nemesis_history.path,
-            *(w.path for w in clients.values()),
-            *cluster.histories(),
-        ],
+        [log.path, *(w.path for w in clients.values()), *cluster.histories()],
         killed=cluster.killed(),
     )
-    history.append(history[-1].time if len(history) else 0.0, "checker", OpType.OK, "read", state)
-    violations = judge(history, TransfersScenario().checkers(), state)
+    history.append(history[-1].time, "checker", OpType.OK, "read", state)
+    violations = run_checkers(TransfersScenario().checkers(), history, state)
     if not settled:
         violations.append(
             Violation("liveness", f"did not drain in {DRAIN_DEADLINE_SECONDS}s: {why}")
         )
-    stats = counts(history)
-    print(
-        f"{len(acknowledged)} transfers acknowledged, {len(state['debits'])} debited, "
-        f"{len(state['rejected'])} rejected, {len(state['dead_lettered_debits'])} + "
-        f"{len(state['dead_lettered_credits'])} dead-lettered debits + credits; "
-        f"{len(schedule)} kills; {stats}"
+    return TransfersRun(seed, cluster, history, state, acknowledged, violations)
+
+
+async def test_transfers_survive_sigkilled_bank_workers(services: Services, tmp_path: Path) -> None:
+    seed = chaos_seed()
+    print(f"chaos seed {seed}")
+    run = await run_transfers(
+        services,
+        tmp_path,
+        seed,
+        kill=True,
+        crash_after_commit=CRASH_AFTER_COMMIT,
+        guarantee=DeliveryGuarantee.EXACTLY_ONCE,
+        seconds=WORKLOAD_SECONDS,
+        require_credits=True,
     )
-    print("\n".join(schedule))
-    assert not violations, report(seed, schedule, violations, cluster)
-    assert len(schedule) >= 5, f"the nemesis killed only {len(schedule)} workers"
-    # Coverage: some kill landed inside a handler (a green run must mean the kills hit).
-    assert stats["unknown"] > 0, report(seed, schedule, [], cluster)
-    assert acknowledged, "no transfer was sent"
+    print(run.summary())
+    print("\n".join(run.cluster.schedule))
+    assert not run.violations, report(seed, run.cluster, run.violations)
+    assert not run.cluster.unexpected, report(seed, run.cluster)
+    nemesis_kills = sum("SIGKILL" in entry for entry in run.cluster.schedule)
+    assert nemesis_kills >= 5, f"the nemesis killed only {nemesis_kills} workers"
+    # Coverage: kills hid outcomes and another incarnation took the work over (a green run
+    # must mean the kills hit something).
+    stats = counts(run.history)
+    assert stats["unknown"] > 0, report(seed, run.cluster)
+    assert stats["taken_over"] > 0, report(seed, run.cluster)
+    assert run.acknowledged, "no transfer was sent"
+
+
+async def test_the_checkers_catch_banks_without_exactly_once(
+    services: Services, tmp_path: Path
+) -> None:
+    # The planted bug: debits and credits sent AT_LEAST_ONCE (no inbox), and workers that
+    # die right after committing a handler's effects, before the ack. The redelivered
+    # command applies again (or a credit is never sent): the checkers must say so.
+    seed = chaos_seed()
+    print(f"chaos seed {seed}")
+    run = await run_transfers(
+        services,
+        tmp_path,
+        seed,
+        kill=False,
+        crash_after_commit=0.05,
+        guarantee=DeliveryGuarantee.AT_LEAST_ONCE,
+        seconds=PLANTED_SECONDS,
+        require_credits=False,
+    )
+    print(run.summary())
+    print("\n".join(run.cluster.schedule))
+    found = {v.invariant for v in run.violations}
+    assert run.cluster.schedule, "no worker died after a commit: nothing was planted"
+    assert "no_double_apply" in found, report(seed, run.cluster, run.violations)
 
 
 # -- workload 2: pipeline, AT_LEAST_ONCE ----------------------------------------------------------
@@ -602,8 +690,8 @@ async def produce(
 
     pace = WORKLOAD_SECONDS / (JOBS / BURST)
     for first in range(0, JOBS, BURST):
-        # One operation per publish, sequential within the producer so that each INVOKE is
-        # completed before the next (the history pairs them by process).
+        # One publish at a time, so that each INVOKE is completed before the next (the
+        # history pairs them by process).
         for n in range(first, min(first + BURST, JOBS)):
             await publish(n)
         await asyncio.sleep(rng.uniform(0.5 * pace, 1.5 * pace))
@@ -617,18 +705,17 @@ async def test_pipeline_survives_sigkilled_stage_and_sink_workers(
     print(f"chaos seed {seed}")
     rng = random.Random(seed)
     clock = SystemClock()
+    worker_args = ["--think", THINK, "--crash-after-commit", str(CRASH_AFTER_COMMIT)]
     slots = {
-        "stage-1": ["stage", "--think", THINK],
-        "stage-2": ["stage", "--think", THINK],
-        "sink": ["sink", "--think", THINK],
+        "stage-1": ["stage", *worker_args],
+        "stage-2": ["stage", *worker_args],
+        "sink": ["sink", *worker_args],
     }
-    cluster = Cluster(tmp_path, worker_env(services), slots)
-    schedule: list[str] = []
     producer_history = HistoryWriter(tmp_path / "producer.jsonl", "producer", clock=clock)
-    nemesis_history = HistoryWriter(tmp_path / "nemesis.jsonl", "nemesis", clock=clock)
+    log = HistoryWriter(tmp_path / "nemesis.jsonl", "nemesis", clock=clock)
+    cluster = Cluster(tmp_path, worker_env(services), slots, log)
     broker = driver_broker(services)
     key = f"{services.prefix}cb.events"
-    started = time.monotonic()
     try:
         async with asyncio.timeout(HANG_GUARD_SECONDS):
             for slot in slots:
@@ -637,11 +724,7 @@ async def test_pipeline_survives_sigkilled_stage_and_sink_workers(
             await cluster.all_ready(READY_TIMEOUT)
             connector = await SystemConnector("producer", broker).start()
             stop = asyncio.Event()
-            killing = asyncio.ensure_future(
-                nemesis(
-                    cluster, random.Random(rng.random()), stop, nemesis_history, schedule, started
-                )
-            )
+            killing = asyncio.ensure_future(nemesis(cluster, random.Random(rng.random()), stop))
             try:
                 acknowledged = await produce(
                     connector, producer_history, random.Random(rng.random())
@@ -666,11 +749,10 @@ async def test_pipeline_survives_sigkilled_stage_and_sink_workers(
         await broker.close()
         await cluster.stop()
         producer_history.close()
-        nemesis_history.close()
+        log.close()
 
     history = merge_histories(
-        [producer_history.path, nemesis_history.path, *cluster.histories()],
-        killed=cluster.killed(),
+        [producer_history.path, log.path, *cluster.histories()], killed=cluster.killed()
     )
     read: dict[str, JSONValue] = {
         "processed": sorted(set(processed)),
@@ -687,10 +769,12 @@ async def test_pipeline_survives_sigkilled_stage_and_sink_workers(
     print(
         f"{len(acknowledged)} jobs acknowledged, {len(set(processed))} processed "
         f"({len(processed) - len(set(processed))} duplicates), {len(dead)} dead-lettered; "
-        f"{len(schedule)} kills; {stats}"
+        f"{len(cluster.schedule)} kills and crashes; {stats}"
     )
-    print("\n".join(schedule))
-    assert not violations, report(seed, schedule, violations, cluster)
-    assert len(schedule) >= 5, f"the nemesis killed only {len(schedule)} workers"
-    assert stats["unknown"] > 0, report(seed, schedule, [], cluster)
+    print("\n".join(cluster.schedule))
+    assert not violations, report(seed, cluster, violations)
+    assert not cluster.unexpected, report(seed, cluster)
+    nemesis_kills = sum("SIGKILL" in entry for entry in cluster.schedule)
+    assert nemesis_kills >= 5, f"the nemesis killed only {nemesis_kills} workers"
+    assert stats["taken_over"] > 0, report(seed, cluster)
     assert len(acknowledged) == JOBS
