@@ -331,18 +331,24 @@ class CrashAfterCommitStore(EventStore):
     ``probability``: the effect is durable, the message not yet acknowledged. That is the
     window where a redelivery must not repeat the effect (EXACTLY_ONCE's inbox)."""
 
-    def __init__(self, inner: EventStore, probability: float, rng: Random) -> None:
+    def __init__(
+        self, inner: EventStore, probability: float, rng: Random, calm: Path | None = None
+    ) -> None:
         self._inner = inner
         self._probability = probability
         self._rng = rng
+        #: Once this file exists, no more crashes (the chaos phase is over: let it drain).
+        self._calm = calm
         self.url = inner.url
 
     async def append_many(
         self, requests: Sequence[AppendRequest], *, tracking: Tracking | None = None
     ) -> list[list[int]]:
         positions = await self._inner.append_many(requests, tracking=tracking)
-        if any(r.stream.startswith("chaos-") for r in requests) and (
-            self._rng.random() < self._probability
+        if (
+            any(r.stream.startswith("chaos-") for r in requests)
+            and self._rng.random() < self._probability
+            and not (self._calm is not None and self._calm.exists())
         ):
             os.kill(os.getpid(), signal.SIGKILL)
         return positions
@@ -582,18 +588,19 @@ async def run_worker(
     think: float = 0.0,
     crash_after_commit: float = 0.0,
     guarantee: DeliveryGuarantee = DeliveryGuarantee.EXACTLY_ONCE,
+    calm: Path | None = None,
 ) -> None:
     """Serve ``role`` until killed; print ``ready`` once the consumers run. ``think``: the
     longest random pause a handler makes, in seconds; ``crash_after_commit``: the chance
-    to SIGKILL itself right after committing a handler's effects (before the ack);
-    ``guarantee``: what a bank sends its credits with."""
+    to SIGKILL itself right after committing a handler's effects (before the ack), until
+    the file ``calm`` exists; ``guarantee``: what a bank sends its credits with."""
     clock = SystemClock()
     pause = _Think(think, clock)
     settings = load_settings()
     history = HistoryWriter(history_path, name, clock=clock)
     store = await open_store(settings.event_store_url, clock=clock)
     if crash_after_commit > 0:
-        store = CrashAfterCommitStore(store, crash_after_commit, new_random())
+        store = CrashAfterCommitStore(store, crash_after_commit, new_random(), calm)
     broker = worker_broker(store, clock=clock)
     try:
         if role == "bank":
@@ -637,6 +644,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         default="exactly_once",
         help="the guarantee a bank sends credits with (at_least_once is a planted bug)",
     )
+    parser.add_argument(
+        "--calm-file", type=Path, help="once this file exists, no more --crash-after-commit"
+    )
     args = parser.parse_args(argv)
     asyncio.run(
         run_worker(
@@ -647,6 +657,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             args.think,
             args.crash_after_commit,
             DeliveryGuarantee[args.guarantee.upper()],
+            args.calm_file,
         )
     )
 

@@ -77,7 +77,7 @@ THINK = "0.02"
 #: the ack: the window where only the inbox prevents a second effect.
 CRASH_AFTER_COMMIT = 0.01
 #: The planted-bug run's workload (no nemesis: the crashes after commit are enough).
-PLANTED_SECONDS = 6.0
+PLANTED_SECONDS = 5.0
 READY_TIMEOUT = 30.0
 
 
@@ -530,8 +530,9 @@ async def run_transfers(
     clock = SystemClock()
     await open_accounts(services.store)
     log = HistoryWriter(directory / "nemesis.jsonl", "nemesis", clock=clock)
+    calm = directory / "calm"
     worker_args = ["--think", THINK, "--crash-after-commit", str(crash_after_commit)]
-    worker_args += ["--guarantee", guarantee.value]
+    worker_args += ["--guarantee", guarantee.value, "--calm-file", str(calm)]
     slots = {bank: ["bank", "--bank", bank, *worker_args] for bank in BANKS}
     cluster = Cluster(directory, worker_env(services), slots, log)
     clients = {
@@ -568,6 +569,7 @@ async def run_transfers(
             ]
             await asyncio.sleep(seconds)
             stop.set()
+            calm.touch()  # the workers stop crashing after commit
             await asyncio.gather(*tasks)
             await cluster.all_ready(READY_TIMEOUT)
 
@@ -649,7 +651,7 @@ async def test_the_checkers_catch_banks_without_exactly_once(
         tmp_path,
         seed,
         kill=False,
-        crash_after_commit=0.05,
+        crash_after_commit=0.03,
         guarantee=DeliveryGuarantee.AT_LEAST_ONCE,
         seconds=PLANTED_SECONDS,
         require_credits=False,
@@ -705,7 +707,9 @@ async def test_pipeline_survives_sigkilled_stage_and_sink_workers(
     print(f"chaos seed {seed}")
     rng = random.Random(seed)
     clock = SystemClock()
+    calm = tmp_path / "calm"
     worker_args = ["--think", THINK, "--crash-after-commit", str(CRASH_AFTER_COMMIT)]
+    worker_args += ["--calm-file", str(calm)]
     slots = {
         "stage-1": ["stage", *worker_args],
         "stage-2": ["stage", *worker_args],
@@ -731,6 +735,7 @@ async def test_pipeline_survives_sigkilled_stage_and_sink_workers(
                 )
             finally:
                 stop.set()
+                calm.touch()
                 await killing
             await cluster.all_ready(READY_TIMEOUT)
 
