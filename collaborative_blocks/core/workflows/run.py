@@ -220,6 +220,8 @@ class WorkflowRun(StateMachineAggregate[RunStatus]):
         self.output: dict[str, Any] = {}
         self.steps: dict[str, StepState] = {s: StepState(s) for s in step_ids}
         self.completion_order: list[str] = []
+        # Steps that failed for good, in the order they did (the first is the run's cause).
+        self.failure_order: list[str] = []
         self.compensation_order: list[str] = []
         self.applied_rules: list[dict[str, Any]] = []
         self.resumptions = 0
@@ -321,6 +323,7 @@ class WorkflowRun(StateMachineAggregate[RunStatus]):
         if retry_at is None:
             step.status = StepStatus.FAILED
             step.finished_at = at
+            self.failure_order.append(step_id)
         else:
             step.status = StepStatus.RETRY_WAIT
             step.retry_at = retry_at
@@ -346,6 +349,7 @@ class WorkflowRun(StateMachineAggregate[RunStatus]):
         step.error = error
         step.retry_at = None
         step.finished_at = at
+        self.failure_order.append(step_id)
 
     @transition(source="*", event="RuleApplied")
     def apply_rule(self, rule_id: str, step_id: str, detail: dict[str, Any], at: float) -> None:
@@ -480,7 +484,8 @@ class WorkflowRun(StateMachineAggregate[RunStatus]):
         return [s for s in self.step_ids if self.steps[s].status is StepStatus.RUNNING]
 
     def failed_steps(self) -> list[str]:
-        return [s for s in self.step_ids if self.steps[s].status is StepStatus.FAILED]
+        """Steps that failed for good, in the order they failed (the first is the cause)."""
+        return list(self.failure_order)
 
     def next_to_compensate(self) -> str | None:
         """The step to compensate now: the most recently completed step whose compensation
