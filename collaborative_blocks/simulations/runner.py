@@ -50,6 +50,11 @@ def run_simulation(
     Same arguments, same :attr:`SimulationResult.digest`. ``check_coverage=False`` skips the
     coverage gate (a run without faults then passes on its invariants alone).
     """
+    if asyncio._get_running_loop() is not None:
+        raise SimulationError(
+            "run_simulation is synchronous and runs its own event loop; from async code call "
+            "it in a thread: await asyncio.to_thread(run_simulation, ...)"
+        )
     chosen = get_scenario(scenario, plugins) if isinstance(scenario, str) else scenario
     if faults is None:
         plan = FaultPlan.parse(chosen.default_faults)

@@ -205,6 +205,7 @@ class World:
         if plan.skew:
             self.coverage["skew"] += 1
         self._open: dict[int, Operation] = {}
+        self._busy: dict[str, int] = {}  # process -> its operation in flight
         self._arrivals: dict[float, list[tuple[str, Message | bytes]]] = {}
         #: Per-run state a scenario keeps (set it in ``Scenario.setup``).
         self.scenario_state: dict[str, Any] = {}
@@ -231,9 +232,20 @@ class World:
     # -- history -------------------------------------------------------------------------------
 
     def invoke(self, process: str, f: str, value: JSONValue = None) -> Operation:
-        """Record the start of a client operation."""
+        """Record the start of a client operation.
+
+        A process is one single-threaded client (as in Jepsen): it has at most one
+        operation in flight, which is what lets checkers pair each completion with its
+        invocation. Concurrent clients are separate processes (``client-1``, ``client-2``).
+        """
+        if process in self._busy:
+            raise SimulationError(
+                f"process {process!r} already has an operation in flight "
+                f"(#{self._busy[process]}); give each concurrent client its own process name"
+            )
         op = self.history.append(self.now(), process, OpType.INVOKE, f, value)
         self._open[op.index] = op
+        self._busy[process] = op.index
         return op
 
     def complete(
@@ -246,6 +258,7 @@ class World:
         """Record how the operation ``op`` (an invocation) ended."""
         if self._open.pop(op.index, None) is None:
             raise SimulationError(f"operation #{op.index} was already completed")
+        self._busy.pop(op.process, None)
         return self.history.append(self.now(), op.process, type, op.f, value, error)
 
     def record(

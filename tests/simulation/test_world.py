@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from collaborative_blocks.core.messaging.envelope import Message, MessageType
+from collaborative_blocks.errors import SimulationError
 from collaborative_blocks.simulations import (
     FaultPlan,
     OpType,
@@ -191,3 +192,31 @@ def test_the_result_serialises_and_says_how_to_replay() -> None:
     assert all(op.type in OpType for op in result.history)
     assert result.deliveries > 0
     assert result.cpu_seconds > 0
+
+
+def test_a_process_has_one_operation_in_flight() -> None:
+    class TwoAtOnce(_Probe):
+        async def workload(self, world: World, phase: Phase) -> None:
+            world.invoke("client", "ping", 1)
+            world.invoke("client", "ping", 2)
+
+    with pytest.raises(SimulationError, match="already has an operation in flight"):
+        run_simulation(TwoAtOnce(), 1, "none", check_coverage=False)
+
+
+async def test_run_simulation_from_async_code_says_to_use_a_thread() -> None:
+    with pytest.raises(SimulationError, match="to_thread"):
+        run_simulation("pipeline", 1)
+    result = await asyncio.to_thread(run_simulation, "pipeline", 1, "none", check_coverage=False)
+    assert result.ok
+
+
+def test_the_timeline_has_a_sample_every_simulated_second() -> None:
+    result = run_simulation("pipeline", 6)
+    times = [sample.time for sample in result.timeline]
+    assert times == [float(i) for i in range(len(times))]
+    assert times[-1] >= result.phase_ends["safety"]
+    assert max(sample.in_flight for sample in result.timeline) > 0
+    delivered = [sample.delivered for sample in result.timeline]
+    assert delivered == sorted(delivered)
+    assert 0 < delivered[-1] <= result.deliveries

@@ -128,7 +128,8 @@ class PipelineScenario(Scenario):
             sent = await producer.call(producer.broker.publish(message))
             return {**job, "id": sent.id}
 
-        await world.operation("producer", "publish", job, publish)
+        # One process per concurrent publisher of a burst (one operation in flight each).
+        await world.operation(f"producer-{n % self.burst}", "publish", job, publish)
 
     async def _outcome(self, world: World) -> tuple[set[int], set[int]]:
         processed = {int(json.loads(e.state)["n"]) for e in await world.durable.read(SINK_STREAM)}
