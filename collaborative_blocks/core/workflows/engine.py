@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import random
 import statistics
 from collections import deque
@@ -111,6 +112,7 @@ __all__ = [
     "under_load_rule",
 ]
 
+_log = logging.getLogger(__name__)
 _INSTRUMENTATION = "collaborative_blocks.workflows"
 DEFINITION_TOPIC = "collaborative_blocks.workflows:DefinitionRecorded"
 RUN_REGISTERED_TOPIC = "collaborative_blocks.workflows:RunRegistered"
@@ -590,9 +592,11 @@ class WorkflowCoordinationEngine:
             self._store = await self.runtime.store()
         return self._store
 
-    async def _repo(self) -> Repository:
+    def _check_open(self) -> None:
         if self._closed:
             raise WorkflowError("this engine was closed; create a new WorkflowCoordinationEngine")
+
+    async def _repo(self) -> Repository:
         if self._repository is None:
             store = await self.store()
             if self.breakers.store is None:
@@ -622,6 +626,7 @@ class WorkflowCoordinationEngine:
                 f"define_workflow takes a WorkflowDefinition, got {type(definition).__name__}; "
                 "build one, or load one with load_definition(path)"
             )
+        self._check_open()
         compiled = definition.compile(default_max_retries=self.settings.max_retry_attempts)
         store = await self.store()
         await self._repo()
@@ -724,6 +729,7 @@ class WorkflowCoordinationEngine:
                 f"input_data must be a mapping of input names to JSON values, got "
                 f"{type(input_data).__name__}"
             )
+        self._check_open()
         repo = await self._repo()
         compiled, version = await self._compiled(workflow_id)
         run_id = run_id if run_id is not None else random_id(self.clock.now(), self.rng)
@@ -861,6 +867,7 @@ class WorkflowCoordinationEngine:
         are retried by their policy; retry waits continue until their recorded due time.
         Returns the ids of the runs resumed (wait for them with :meth:`wait_for`).
         """
+        self._check_open()
         store = await self.store()
         await self._repo()
         with contextlib.suppress(Exception):
@@ -992,10 +999,13 @@ class WorkflowCoordinationEngine:
                         "resume() continues it"
                     )
                 )
+                active.done.exception()  # nobody may be waiting: not an unhandled error
             raise
         except Exception as error:
             if not active.done.done():
                 active.done.set_exception(error)
+                active.done.exception()  # wait_for raises it; a run nobody waits for logs it
+                _log.error("workflow run %s failed: %r", run.run_id, error)
         finally:
             for task in active.steps.values():
                 task.cancel()
@@ -1463,7 +1473,9 @@ class WorkflowCoordinationEngine:
     async def _persist(self, active: _Run) -> None:
         async with active.lock:
             if active.run.pending_events:
-                repo = await self._repo()
+                # (Not _repo(): a save shielded from a closing engine's cancellation ends.)
+                repo = self._repository
+                assert repo is not None
                 await repo.save(active.run)
 
     async def _flush_breakers(self) -> None:
