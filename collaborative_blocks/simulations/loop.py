@@ -217,6 +217,24 @@ class SimulationLoop(asyncio.BaseEventLoop):
     async def sock_sendall(self, *args: Any, **kwargs: Any) -> Any:
         raise self._refuse("a socket")
 
+    async def sock_accept(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._refuse("a socket")
+
+    async def sock_recv_into(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._refuse("a socket")
+
+    async def create_unix_server(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._refuse("a unix socket server")
+
+    async def connect_read_pipe(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._refuse("a pipe")
+
+    async def connect_write_pipe(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._refuse("a pipe")
+
+    async def sendfile(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._refuse("sending a file")
+
     def add_signal_handler(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
         raise self._refuse("a signal handler")
 

@@ -18,7 +18,7 @@ from typing import Any
 import pluggy
 
 from collaborative_blocks.core.plugins import make_plugin_manager
-from collaborative_blocks.errors import SimulationError
+from collaborative_blocks.errors import FaultPlanError, SimulationError
 from collaborative_blocks.simulations.checkers import run_checkers
 from collaborative_blocks.simulations.faults import FaultPlan
 from collaborative_blocks.simulations.loop import SimulationLoop
@@ -62,6 +62,12 @@ def run_simulation(
         plan = FaultPlan.parse(faults)
     else:
         plan = faults
+    unknown = sorted({c.node for c in plan.crashes if c.node and c.node not in chosen.nodes})
+    if unknown:
+        raise FaultPlanError(
+            f"the fault plan crashes {', '.join(unknown)}, which scenario {chosen.name!r} does "
+            f"not have; its nodes are {', '.join(chosen.nodes)}"
+        )
     loop = SimulationLoop(seed)
     loggers = [logging.getLogger(name) for name in _QUIET_LOGGERS]
     levels = [logger.level for logger in loggers]

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from collaborative_blocks.core.messaging.envelope import Message, MessageType
-from collaborative_blocks.errors import SimulationError
+from collaborative_blocks.errors import FaultPlanError, SimulationError
 from collaborative_blocks.simulations import (
     FaultPlan,
     OpType,
@@ -220,3 +220,8 @@ def test_the_timeline_has_a_sample_every_simulated_second() -> None:
     delivered = [sample.delivered for sample in result.timeline]
     assert delivered == sorted(delivered)
     assert 0 < delivered[-1] <= result.deliveries
+
+
+def test_a_plan_that_crashes_a_node_the_scenario_lacks_is_refused() -> None:
+    with pytest.raises(FaultPlanError, match="bank-z"):
+        run_simulation("transfers", 1, "crash=bank-z@2s")
