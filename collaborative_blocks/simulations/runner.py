@@ -194,6 +194,12 @@ async def _run(
     if remaining:
         await asyncio.wait(remaining, timeout=1.0)
     world.close_open_operations()
+    if world.errors:
+        name, error = world.errors[0]
+        raise SimulationError(
+            f"the simulator task {name!r} raised {type(error).__name__}: {error} (a bug in the "
+            "scenario or the simulator, not a finding)"
+        ) from error
     facts.setdefault("broker", dict(world.broker_counts()))
     _count_behaviours(world)
     violations.extend(run_checkers(scenario.checkers(), world.history, facts))

@@ -206,6 +206,8 @@ class World:
             self.coverage["skew"] += 1
         self._open: dict[int, Operation] = {}
         self._busy: dict[str, int] = {}  # process -> its operation in flight
+        #: (task name, error) of simulator tasks that raised.
+        self.errors: list[tuple[str, BaseException]] = []
         self._arrivals: dict[float, list[tuple[str, Message | bytes]]] = {}
         #: Per-run state a scenario keeps (set it in ``Scenario.setup``).
         self.scenario_state: dict[str, Any] = {}
@@ -381,8 +383,17 @@ class World:
         return totals
 
     def spawn(self, coro: Coroutine[Any, Any, T], name: str | None = None) -> asyncio.Task[T]:
-        """Run ``coro`` as a task of the simulator itself (no node: a crash never stops it)."""
-        return self.loop.create_task(coro, name=name, context=self._network_context.copy())
+        """Run ``coro`` as a task of the simulator itself (no node: a crash never stops it).
+
+        If it raises, the run fails with that error (see :attr:`errors`): a simulator task
+        that dies quietly would make a run look green."""
+        task = self.loop.create_task(coro, name=name, context=self._network_context.copy())
+        task.add_done_callback(self._check_task)
+        return task
+
+    def _check_task(self, task: asyncio.Task[Any]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.errors.append((task.get_name(), task.exception()))  # type: ignore[arg-type]
 
     def exercised(self, behaviour: str, count: int = 1) -> None:
         """Count a behaviour the faults provoked (``"compensation"``, ``"breaker_open"``,

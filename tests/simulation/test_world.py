@@ -225,3 +225,14 @@ def test_the_timeline_has_a_sample_every_simulated_second() -> None:
 def test_a_plan_that_crashes_a_node_the_scenario_lacks_is_refused() -> None:
     with pytest.raises(FaultPlanError, match="bank-z"):
         run_simulation("transfers", 1, "crash=bank-z@2s")
+
+
+def test_a_restart_that_fails_fails_the_run_instead_of_hiding() -> None:
+    class BrokenRestart(_Probe):
+        async def start_node(self, world: World, node: Node) -> None:
+            if node.incarnation > 1:
+                raise RuntimeError("cannot rebuild from the store")
+            await super().start_node(world, node)
+
+    with pytest.raises(SimulationError, match="cannot rebuild"):
+        run_simulation(BrokenRestart(), 1, "crash=probe@2s", check_coverage=False)
