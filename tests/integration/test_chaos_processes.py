@@ -14,7 +14,8 @@ scenarios' own checkers:
 - ``pipeline`` (AT_LEAST_ONCE): no acknowledged message lost, published = processed +
   dead-lettered + in flight (0 after the drain), poison jobs dead-lettered.
 
-``CB_CHAOS_SEED=N`` replays a schedule's intent (the kill times depend on the machine).
+``CB_CHAOS_SEED=N`` replays a schedule's intent (the kill times depend on the machine);
+``CB_CHAOS_REPLICAS=N`` runs N competing worker processes per bank (one consumer group).
 """
 
 from __future__ import annotations
@@ -533,7 +534,12 @@ async def run_transfers(
     calm = directory / "calm"
     worker_args = ["--think", THINK, "--crash-after-commit", str(crash_after_commit)]
     worker_args += ["--guarantee", guarantee.value, "--calm-file", str(calm)]
-    slots = {bank: ["bank", "--bank", bank, *worker_args] for bank in BANKS}
+    replicas = int(os.environ.get("CB_CHAOS_REPLICAS", "1"))
+    slots = {
+        bank if replicas == 1 else f"{bank}-{r}": ["bank", "--bank", bank, *worker_args]
+        for bank in BANKS
+        for r in range(1, replicas + 1)
+    }
     cluster = Cluster(directory, worker_env(services), slots, log)
     clients = {
         bank: HistoryWriter(directory / f"client-{bank}.jsonl", f"client-{bank}", clock=clock)
@@ -543,8 +549,8 @@ async def run_transfers(
     acknowledged: set[str] = set()
     try:
         async with asyncio.timeout(HANG_GUARD_SECONDS):
-            for bank in BANKS:
-                await cluster.start(bank)
+            for slot in slots:
+                await cluster.start(slot)
             await cluster.all_ready(READY_TIMEOUT)
             connector = await SystemConnector("client", broker).start()
             stop = asyncio.Event()
