@@ -1058,11 +1058,18 @@ class WorkflowCoordinationEngine:
             if step_id not in active.steps or active.steps[step_id].done():
                 self._start_step(active, step_id)
         limit = compiled.definition.max_concurrency
+        running = sum(1 for t in active.steps.values() if not t.done())
+        started = False
         for step_id in run.ready_steps(active.dependencies):
-            if sum(1 for t in active.steps.values() if not t.done()) >= limit:
+            if running >= limit:
                 break
-            self._schedule(active, step_id)
-        await self._save(active)
+            if self._schedule(active, step_id):
+                running += 1
+                started = True
+        if not started:
+            # Skips and failures decided here are saved now; a started step's first save
+            # (its attempt) carries them otherwise, one commit instead of two.
+            await self._save(active)
         if run.failed_steps():
             return True
         if not any(not task.done() for task in active.steps.values()):
@@ -1074,9 +1081,9 @@ class WorkflowCoordinationEngine:
         await self._wait_for_steps(active)
         return True
 
-    def _schedule(self, active: _Run, step_id: str) -> None:
+    def _schedule(self, active: _Run, step_id: str) -> bool:
         """Decide a ready step: skipped (false condition, or optional under load), failed
-        (its condition cannot be evaluated), or scheduled and started."""
+        (its condition cannot be evaluated), or scheduled and started (True)."""
         run = active.run
         compiled_step = active.compiled.steps[step_id]
         now = self.clock.now()
@@ -1089,7 +1096,7 @@ class WorkflowCoordinationEngine:
                     step_id=step_id, error_type="ConditionError", error=str(error), at=now
                 )
                 active.scope.set_step(step_id, StepStatus.FAILED.value, None)
-                return
+                return False
             if not holds:
                 run.skip_step(
                     step_id=step_id,
@@ -1097,7 +1104,7 @@ class WorkflowCoordinationEngine:
                     at=now,
                 )
                 active.scope.set_step(step_id, StepStatus.SKIPPED.value, None)
-                return
+                return False
         rule = under_load_rule(active.compiled.rules, compiled_step, self._active_steps)
         if rule is not None:
             detail = {"in_flight": self._active_steps, "threshold": rule.threshold}
@@ -1109,9 +1116,10 @@ class WorkflowCoordinationEngine:
                 at=now,
             )
             active.scope.set_step(step_id, StepStatus.SKIPPED.value, None)
-            return
+            return False
         run.schedule_step(step_id=step_id, at=now)
         self._start_step(active, step_id)
+        return True
 
     def _start_step(self, active: _Run, step_id: str) -> None:
         self._active_steps += 1
