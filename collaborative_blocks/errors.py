@@ -248,6 +248,18 @@ class PublishTimeoutError(MessagingError, TimeoutError):
     """The transport did not accept a message in time (consumers are lagging: backpressure)."""
 
 
+class RemoteCommandError(RemoteHandlerError):
+    """The target's command handler failed a request (``SystemConnector.request``), or the
+    target has no handler for it. ``error_type`` (also ``remote_type``) is the class name of
+    what it raised (``NoHandler`` when none is registered). The broker did not redeliver the
+    command: retrying is the caller's decision."""
+
+    def __init__(self, target: str, name: str, error_type: str, detail: str) -> None:
+        super().__init__(target, name, error_type, detail)
+        self.error_type = error_type
+        self.args = (f"{target!r} failed command {name!r}: {error_type}: {detail}",)
+
+
 def redact_url(url: str) -> str:
     """``url`` with its password hidden, for error messages and logs (plugins use this)."""
     return _redact(url)

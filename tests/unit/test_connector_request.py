@@ -18,7 +18,7 @@ from collaborative_blocks.core.messaging import (
     SystemConnector,
 )
 from collaborative_blocks.core.messaging.connector import IDEMPOTENCY_KEY, REPLY_TO
-from collaborative_blocks.errors import QueryTimeoutError, RemoteHandlerError
+from collaborative_blocks.errors import QueryTimeoutError, RemoteCommandError, RemoteHandlerError
 from collaborative_blocks.stores.memory import MemoryEventStore
 
 
@@ -90,9 +90,11 @@ async def test_handler_error_comes_back_typed_and_is_not_redelivered(
 
     SystemConnector("billing", broker).on_command("charge", charge)
     shop = SystemConnector("shop", broker)
-    with pytest.raises(RemoteHandlerError, match="ValueError: card declined") as caught:
+    with pytest.raises(RemoteCommandError, match="ValueError: card declined") as caught:
         await shop.request("billing", "charge", {"amount": 1}, timeout=5)
-    assert caught.value.remote_type == "ValueError"
+    assert caught.value.error_type == caught.value.remote_type == "ValueError"
+    assert isinstance(caught.value, RemoteHandlerError)  # what query callers already catch
+    assert "failed command 'charge'" in str(caught.value)
     await clock.advance(10)  # longer than every broker retry backoff
     assert calls == [1]
     assert await broker.dead_letters().list() == []
@@ -104,9 +106,9 @@ async def test_request_for_an_action_without_handler_fails_fast(broker: MessageB
 
     SystemConnector("billing", broker).on_command("charge", charge)
     shop = SystemConnector("shop", broker)
-    with pytest.raises(RemoteHandlerError, match="no handler for command 'refund'") as caught:
+    with pytest.raises(RemoteCommandError, match="no handler for command 'refund'") as caught:
         await shop.request("billing", "refund", {}, timeout=5)
-    assert caught.value.remote_type == "NoHandler"
+    assert caught.value.error_type == "NoHandler"
 
 
 async def test_no_reply_in_time_is_a_query_timeout(
@@ -132,9 +134,9 @@ async def test_a_non_json_result_is_a_typed_failure(broker: MessageBroker) -> No
         return object()
 
     SystemConnector("target", broker).on_command("odd", odd)
-    with pytest.raises(RemoteHandlerError, match="must return JSON") as caught:
+    with pytest.raises(RemoteCommandError, match="must return JSON") as caught:
         await SystemConnector("asker", broker).request("target", "odd", timeout=5)
-    assert caught.value.remote_type == "TypeError"
+    assert caught.value.error_type == "TypeError"
 
 
 async def test_plain_send_command_is_unchanged(broker: MessageBroker, clock: VirtualClock) -> None:

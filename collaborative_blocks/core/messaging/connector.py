@@ -56,6 +56,7 @@ from collaborative_blocks.errors import (
     MessagingError,
     PublishTimeoutError,
     QueryTimeoutError,
+    RemoteCommandError,
     RemoteHandlerError,
 )
 
@@ -96,6 +97,7 @@ class SystemConnector:
         self._commands: dict[str, ContextHandler] = {}
         self._queries: dict[str, ContextHandler] = {}
         self._pending: dict[str, asyncio.Future[JSONValue]] = {}
+        self._requests: set[str] = set()  # correlation ids of pending requests (not queries)
         self._inbox: _ConsumerSpec | None = None
         self._replies: _ConsumerSpec | None = None
         self._events: list[_ConsumerSpec] = []
@@ -249,8 +251,9 @@ class SystemConnector:
         The command carries a ``reply-to`` header; the target's ``on_command`` handler runs
         as for :meth:`send_command`, and what it returns (JSON) comes back as the reply. A
         handler that raises, or a missing handler, comes back as
-        :class:`RemoteHandlerError` (``remote_type`` is the error's class name) and is
-        *not* redelivered by the broker: retrying is the caller's decision. No reply within
+        :class:`RemoteCommandError` (a :class:`RemoteHandlerError`; ``error_type`` is the
+        error's class name) and is *not* redelivered by the broker: retrying is the
+        caller's decision. No reply within
         ``timeout`` seconds (default ``query_timeout``, on the broker's clock) raises
         :class:`QueryTimeoutError`; the command may still run later (at-least-once), so a
         caller that retries should send an :data:`IDEMPOTENCY_KEY` header the target can
@@ -292,12 +295,15 @@ class SystemConnector:
         )
         future: asyncio.Future[JSONValue] = asyncio.get_running_loop().create_future()
         self._pending[correlation_id] = future
+        if message.type is MessageType.COMMAND:
+            self._requests.add(correlation_id)
         target = message.target or ""
         try:
             await self.broker.publish(message)
             return await self._wait(future, wait, target, message.name, correlation_id)
         finally:
             self._pending.pop(correlation_id, None)
+            self._requests.discard(correlation_id)
 
     def _message(
         self,
@@ -461,8 +467,13 @@ class SystemConnector:
         elif payload["ok"]:
             future.set_result(payload.get("result"))
         else:
+            failure = (
+                RemoteCommandError
+                if message.correlation_id in self._requests
+                else RemoteHandlerError
+            )
             future.set_exception(
-                RemoteHandlerError(
+                failure(
                     message.source,
                     message.name,
                     str(payload.get("error_type")),
