@@ -890,7 +890,12 @@ class WorkflowCoordinationEngine:
             if run.finished:
                 await self._index_finished(run)
                 continue
-            compiled, _ = await self._compiled(run.workflow_id, run.definition_version)
+            try:
+                compiled, _ = await self._compiled(run.workflow_id, run.definition_version)
+            except WorkflowError as error:
+                # One run whose definition cannot be read back must not stop the others.
+                _log.error("cannot resume workflow run %s: %s", run_id, error)
+                continue
             with event_clock(self.clock):
                 self._recover(run, compiled)
             await (await self._repo()).save(run)

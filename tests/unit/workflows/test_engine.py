@@ -47,6 +47,7 @@ from collaborative_blocks.errors import (
     WorkflowDefinitionError,
     WorkflowError,
 )
+from collaborative_blocks.stores.base import NewEvent
 from collaborative_blocks.stores.memory import MemoryEventStore
 
 T = TypeVar("T")
@@ -1074,3 +1075,33 @@ async def test_spans_per_run_and_attempt_and_outcome_counters(clock: VirtualCloc
     assert runs.value == 1
     assert runs.attributes["outcome"] == "completed"
     assert sum(point.value for point in found["cb.workflow.step.attempts"]) == 2
+
+
+async def test_a_run_whose_definition_is_gone_does_not_stop_resuming_the_others(
+    world: World, clock: VirtualClock
+) -> None:
+    gate = asyncio.Event()
+
+    async def work(message: Message) -> object:
+        await gate.wait()
+        return None
+
+    world.handle("system", "action", work)
+    first = world.engine()
+    await first.define_workflow(WorkflowDefinition("lost", "x", steps=[step("a")]))
+    await first.define_workflow(WorkflowDefinition("kept", "x", steps=[step("a")]))
+    await first.start_workflow("lost", run_id="r-lost")
+    await first.start_workflow("kept", run_id="r-kept")
+    await clock.advance(1)
+    await first.close()
+    gate.set()
+    # The same log without the definition of "lost".
+    copy = MemoryEventStore()
+    for stored in await world.store.read_all():
+        if stored.stream != "workflow-definition:lost":
+            await copy.append(stored.stream, [NewEvent(stored.topic, stored.state)])
+    world.store = copy
+    second = world.engine()
+    assert await second.resume() == ["r-kept"]
+    assert (await drive(clock, second.wait_for("r-kept"))).succeeded
+    assert (await second.get_result("r-lost")).status is RunStatus.RUNNING
