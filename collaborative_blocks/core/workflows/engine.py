@@ -465,7 +465,7 @@ class _Run:
     scope: WorkflowScope
     dependencies: dict[str, tuple[str, ...]]
     done: asyncio.Future[WorkflowResult]
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    saving: asyncio.Future[list[int]] | None = None
     steps: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     task: asyncio.Task[None] | None = None
     parent: Any = None  # the OpenTelemetry context the run's spans belong to
@@ -1476,20 +1476,22 @@ class WorkflowCoordinationEngine:
             await self.clock.sleep(remaining)
 
     async def _save(self, active: _Run) -> None:
-        """Save the run's pending events. Shielded: a step task cancelled mid-save must not
-        leave events half-saved (the commit and the aggregate's bookkeeping go together), and
-        one save carries every event recorded while the previous one was in flight."""
-        if not active.run.pending_events:
-            return
-        await asyncio.shield(self._persist(active))
+        """Save the run's pending events.
 
-    async def _persist(self, active: _Run) -> None:
-        async with active.lock:
-            if active.run.pending_events:
-                # (Not _repo(): a save shielded from a closing engine's cancellation ends.)
-                repo = self._repository
-                assert repo is not None
-                await repo.save(active.run)
+        One save runs at a time per run, and every caller waiting meanwhile is served by the
+        next one (group commit: concurrent steps of a run share commits). The save is
+        shielded: a step task cancelled mid-save must not leave events half-saved (the
+        commit and the aggregate's bookkeeping go together), and a closing engine's
+        cancellation lets a save in flight end.
+        """
+        run = active.run
+        while run.pending_events:
+            saving = active.saving
+            if saving is None or saving.done():
+                repository = self._repository
+                assert repository is not None
+                saving = active.saving = asyncio.ensure_future(repository.save(run))
+            await asyncio.shield(saving)
 
     async def _flush_breakers(self) -> None:
         if self.breakers.pending():
