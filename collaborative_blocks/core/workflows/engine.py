@@ -64,7 +64,11 @@ from collaborative_blocks.core.messaging.envelope import JSONValue
 from collaborative_blocks.core.randomness import random_id
 from collaborative_blocks.core.runtime import Runtime
 from collaborative_blocks.core.settings import Settings
-from collaborative_blocks.core.workflows.breakers import BreakerRegistry, BreakerState
+from collaborative_blocks.core.workflows.breakers import (
+    BreakerRegistry,
+    BreakerState,
+    BreakerTransition,
+)
 from collaborative_blocks.core.workflows.conditions import WorkflowScope, render_parameters
 from collaborative_blocks.core.workflows.definitions import (
     AdaptationRule,
@@ -555,6 +559,11 @@ class WorkflowCoordinationEngine:
         self._runs: dict[str, _Run] = {}
         self._durations: dict[tuple[str, str], deque[float]] = {}
         self._active_steps = 0
+        # Breaker transitions as they happen (numbered), so an attempt can record in its run
+        # the ones that happened while it ran.
+        self._breaker_log: deque[tuple[int, BreakerTransition]] = deque(maxlen=1024)
+        self._breaker_seq = 0
+        self._unsubscribe = self.breakers.subscribe(self._on_breaker_transition)
         self._closed = False
         self._tracer = trace.get_tracer(_INSTRUMENTATION, tracer_provider=tracer_provider)
         meter = metrics.get_meter(_INSTRUMENTATION, meter_provider=meter_provider)
@@ -1225,6 +1234,7 @@ class WorkflowCoordinationEngine:
         attributes = {"workflow": run.workflow_id, "step": step_id}
         async with self._slots:
             now = self.clock.now()
+            since = self._breaker_seq
             with self._tracer.start_as_current_span(
                 f"workflow step {step_id}",
                 context=active.parent,
@@ -1247,6 +1257,7 @@ class WorkflowCoordinationEngine:
                         at=now,
                     )
                     span.set_status(Status(StatusCode.ERROR, "CircuitOpenError"))
+                    self._note_breakers(active, step_id, target, since)
                     return await self._attempt_failed(
                         active,
                         compiled_step,
@@ -1301,6 +1312,7 @@ class WorkflowCoordinationEngine:
                 else:
                     breaker.on_error(duration, error_type)
                     span.set_status(Status(StatusCode.ERROR, f"{error_type}: {detail}"))
+                self._note_breakers(active, step_id, target, since)
         if error_type is not None:
             return await self._attempt_failed(
                 active, compiled_step, attempt, error_type, detail, duration, None
@@ -1454,6 +1466,24 @@ class WorkflowCoordinationEngine:
 
     # -- helpers -----------------------------------------------------------------------------
 
+    def _on_breaker_transition(self, transition: BreakerTransition) -> None:
+        self._breaker_seq += 1
+        self._breaker_log.append((self._breaker_seq, transition))
+
+    def _note_breakers(self, active: _Run, step_id: str, target: str, since: int) -> None:
+        """Record in the run the transitions of ``target``'s breaker numbered after
+        ``since`` (those that happened during this attempt)."""
+        for seq, transition in self._breaker_log:
+            if seq > since and transition.breaker == target:
+                active.run.note_breaker(
+                    step_id=step_id,
+                    breaker=transition.breaker,
+                    came_from=transition.from_state.value,
+                    went_to=transition.to_state.value,
+                    reason=transition.reason,
+                    at=transition.at,
+                )
+
     def _breaker_state(self, target: str) -> BreakerState:
         if target not in self.breakers:
             return BreakerState.CLOSED
@@ -1534,6 +1564,7 @@ class WorkflowCoordinationEngine:
         if self._closed:
             return
         self._closed = True
+        self._unsubscribe()
         tasks = [active.task for active in self._runs.values() if active.task is not None]
         for task in tasks:
             task.cancel()

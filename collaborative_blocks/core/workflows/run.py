@@ -357,6 +357,12 @@ class WorkflowRun(StateMachineAggregate[RunStatus]):
             {"rule_id": rule_id, "step_id": step_id, "detail": dict(detail), "at": at}
         )
 
+    @transition(source="*", event="BreakerTransitioned")
+    def note_breaker(
+        self, step_id: str, breaker: str, came_from: str, went_to: str, reason: str, at: float
+    ) -> None:
+        """A circuit breaker changed state around one of this run's attempts (history only)."""
+
     # -- compensation events -----------------------------------------------------------------
 
     @transition(source=RunStatus.COMPENSATING, event="CompensationStarted")

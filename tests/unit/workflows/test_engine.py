@@ -482,8 +482,13 @@ async def test_an_open_breaker_fails_fast_and_retries_after_its_wait(
     assert failed[0]["duration"] is None
     assert failed[0]["retry_at"] == pytest.approx(opened_at + 30.0, abs=0.1)
     assert result.steps["pay"].attempts == 2
-    # The breaker's transitions are in the log too.
+    # The breaker's transitions are in the log too, and the run's history notes the one its
+    # retry went through (the trial call let through in HALF_OPEN).
     assert await world.store.read("circuit-breaker:payments")
+    noted = [d for name, d in await events(engine, "r") if name == "BreakerTransitioned"]
+    assert [(d["breaker"], d["came_from"], d["went_to"]) for d in noted] == [
+        ("payments", "open", "half_open")
+    ]
 
 
 async def test_route_to_rule_sends_the_step_to_the_fallback_while_the_breaker_is_open(
