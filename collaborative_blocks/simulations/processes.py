@@ -420,7 +420,7 @@ class CrashAfterCommitStore(EventStore):
 # -- the workers -----------------------------------------------------------------------------------
 
 
-def worker_broker(store: EventStore, *, clock: Clock) -> MessageBroker:
+def worker_broker(store: EventStore, *, clock: Clock, max_retries: int = 5) -> MessageBroker:
     """A broker on ``MESSAGE_BROKER_URL`` with short timeouts, so that what a killed worker
     held comes back within seconds (XAUTOCLAIM after ``ack_timeout``)."""
     return MessageBroker(
@@ -429,9 +429,9 @@ def worker_broker(store: EventStore, *, clock: Clock) -> MessageBroker:
         clock=clock,
         rng=new_random(),
         tracing=False,
-        handler_timeout=2.0,
-        ack_timeout=4.0,
-        retry=RetryPolicy(max_retries=5, base_delay=0.05, max_delay=0.5),
+        handler_timeout=1.5,
+        ack_timeout=3.0,
+        retry=RetryPolicy(max_retries=max_retries, base_delay=0.05, max_delay=0.5),
         partitions=4,
         max_in_flight=64,
     )
@@ -538,7 +538,8 @@ class PoisonJobError(Exception):
 def serve_stage(
     connector: SystemConnector, history: HistoryWriter, think: _Think | None = None
 ) -> None:
-    """``job.created`` -> ``job.staged`` (AT_LEAST_ONCE); a poison job always fails."""
+    """``job.created`` -> ``job.staged`` (AT_LEAST_ONCE); a poison job always fails, a
+    deadly one (also poison) SIGKILLs the worker that handles it."""
     pause = think or _Think(0.0, SystemClock())
 
     async def stage(message: Message, ctx: MessageContext) -> None:
@@ -546,6 +547,10 @@ def serve_stage(
         n = int(payload["n"])
         history.record(OpType.INVOKE, "stage", {"n": n, "attempt": ctx.attempt})
         await pause()
+        if payload.get("deadly"):
+            # A job that kills its consumer (a segfaulting library, an OOM): the broker must
+            # dead-letter it after a bounded number of deliveries, not loop forever.
+            os.kill(os.getpid(), signal.SIGKILL)
         if payload.get("poison"):
             history.record(OpType.FAIL, "stage", {"n": n}, "poison")
             raise PoisonJobError(f"job {n} is poison")
@@ -589,11 +594,13 @@ async def run_worker(
     crash_after_commit: float = 0.0,
     guarantee: DeliveryGuarantee = DeliveryGuarantee.EXACTLY_ONCE,
     calm: Path | None = None,
+    max_retries: int = 5,
 ) -> None:
     """Serve ``role`` until killed; print ``ready`` once the consumers run. ``think``: the
     longest random pause a handler makes, in seconds; ``crash_after_commit``: the chance
     to SIGKILL itself right after committing a handler's effects (before the ack), until
-    the file ``calm`` exists; ``guarantee``: what a bank sends its credits with."""
+    the file ``calm`` exists; ``guarantee``: what a bank sends its credits with;
+    ``max_retries``: the broker's retries before a message is dead-lettered."""
     clock = SystemClock()
     pause = _Think(think, clock)
     settings = load_settings()
@@ -601,7 +608,7 @@ async def run_worker(
     store = await open_store(settings.event_store_url, clock=clock)
     if crash_after_commit > 0:
         store = CrashAfterCommitStore(store, crash_after_commit, new_random(), calm)
-    broker = worker_broker(store, clock=clock)
+    broker = worker_broker(store, clock=clock, max_retries=max_retries)
     try:
         if role == "bank":
             if bank is None:
@@ -647,6 +654,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--calm-file", type=Path, help="once this file exists, no more --crash-after-commit"
     )
+    parser.add_argument(
+        "--max-retries", type=int, default=5, help="retries before a message is dead-lettered"
+    )
     args = parser.parse_args(argv)
     asyncio.run(
         run_worker(
@@ -658,6 +668,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             args.crash_after_commit,
             DeliveryGuarantee[args.guarantee.upper()],
             args.calm_file,
+            args.max_retries,
         )
     )
 
