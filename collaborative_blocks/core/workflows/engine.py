@@ -473,6 +473,7 @@ class _Run:
     steps: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     task: asyncio.Task[None] | None = None
     parent: Any = None  # the OpenTelemetry context the run's spans belong to
+    traced: bool = True  # whether its attempts get spans
 
 
 class WorkflowCoordinationEngine:
@@ -566,6 +567,7 @@ class WorkflowCoordinationEngine:
         self._unsubscribe = self.breakers.subscribe(self._on_breaker_transition)
         self._closed = False
         self._tracer = trace.get_tracer(_INSTRUMENTATION, tracer_provider=tracer_provider)
+        self._explicit_tracer = tracer_provider is not None
         meter = metrics.get_meter(_INSTRUMENTATION, meter_provider=meter_provider)
         self._run_counter = meter.create_counter(
             "cb.workflow.runs",
@@ -986,6 +988,7 @@ class WorkflowCoordinationEngine:
             dependencies={s: tuple(compiled.steps[s].step.dependencies) for s in compiled.order},
             done=asyncio.get_running_loop().create_future(),
             parent=parent,
+            traced=self._tracing(),
         )
         self._runs[run.run_id] = active
         active.task = asyncio.create_task(
@@ -1235,10 +1238,10 @@ class WorkflowCoordinationEngine:
         async with self._slots:
             now = self.clock.now()
             since = self._breaker_seq
-            with self._tracer.start_as_current_span(
+            with self._span(
                 f"workflow step {step_id}",
-                context=active.parent,
-                attributes={
+                active,
+                lambda: {
                     "cb.workflow.id": run.workflow_id,
                     "cb.workflow.run_id": run.run_id,
                     "cb.workflow.step": step_id,
@@ -1403,10 +1406,10 @@ class WorkflowCoordinationEngine:
             await self._save(active)
             error_type: str | None = None
             detail = ""
-            with self._tracer.start_as_current_span(
+            with self._span(
                 f"workflow compensate {step_id}",
-                context=active.parent,
-                attributes={
+                active,
+                lambda attempt=attempt: {  # type: ignore[misc]
                     "cb.workflow.run_id": run.run_id,
                     "cb.workflow.step": step_id,
                     "cb.workflow.attempt": attempt,
@@ -1465,6 +1468,25 @@ class WorkflowCoordinationEngine:
                 return
 
     # -- helpers -----------------------------------------------------------------------------
+
+    def _tracing(self) -> bool:
+        """Whether spans are wanted and something records them (else the per-attempt span
+        machinery is skipped, as the broker does)."""
+        if not self.settings.distributed_tracing_enabled:
+            return False
+        if self._explicit_tracer:
+            return True
+        provider = trace.get_tracer_provider()
+        return not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+
+    def _span(
+        self, name: str, active: _Run, attributes: Callable[[], dict[str, Any]]
+    ) -> contextlib.AbstractContextManager[trace.Span]:
+        if not active.traced:
+            return contextlib.nullcontext(trace.INVALID_SPAN)
+        return self._tracer.start_as_current_span(
+            name, context=active.parent, attributes=attributes()
+        )
 
     def _on_breaker_transition(self, transition: BreakerTransition) -> None:
         self._breaker_seq += 1
