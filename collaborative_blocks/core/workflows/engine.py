@@ -1543,6 +1543,9 @@ class WorkflowCoordinationEngine:
                 repository = self._repository
                 assert repository is not None
                 saving = active.saving = asyncio.ensure_future(repository.save(run))
+                # Its waiters may all be cancelled (a closing engine): the error is theirs
+                # to see, not an "exception never retrieved" at exit.
+                saving.add_done_callback(_retrieved)
             await asyncio.shield(saving)
 
     async def _flush_breakers(self) -> None:
@@ -1606,6 +1609,11 @@ class WorkflowCoordinationEngine:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _json(value: Mapping[str, JSONValue]) -> bytes:
