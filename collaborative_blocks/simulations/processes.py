@@ -17,8 +17,14 @@ of the kill.
 
 Run a worker with ``python -m collaborative_blocks.simulations.processes ROLE --name NAME
 --history FILE`` (roles: ``bank`` with ``--bank``, ``stage``, ``sink``); it prints ``ready``
-on stdout once it consumes. This module is an edge like ``bench/``: it runs on the real clock
-(:class:`SystemClock`), on purpose.
+on stdout once it consumes. Options: ``--think S`` (a random pause of up to S seconds in each
+handler, so kills land inside handlers), ``--crash-after-commit P`` (the chance to SIGKILL
+itself right after committing a handler's effects, before the ack) until the
+``--calm-file`` exists, ``--guarantee`` (what a bank sends credits with; ``at_least_once`` is
+a planted bug), ``--max-retries``. A ``deadly`` job kills the stage worker that handles it.
+
+This module is an edge like ``bench/``: it runs on the real clock (:class:`SystemClock`), on
+purpose; ``tests/integration/test_chaos_processes.py`` drives it (see docs/chaos.md).
 """
 
 from __future__ import annotations
@@ -66,6 +72,8 @@ __all__ = [
     "INITIAL_BALANCE",
     "HistoryRecord",
     "HistoryWriter",
+    "PoisonJobError",
+    "Think",
     "account_stream",
     "main",
     "merge_histories",
@@ -73,6 +81,10 @@ __all__ = [
     "read_history_file",
     "read_pipeline_outcome",
     "read_transfers_state",
+    "run_worker",
+    "serve_bank",
+    "serve_sink",
+    "serve_stage",
     "worker_broker",
 ]
 
@@ -446,7 +458,7 @@ async def _balance(store: EventStore, stream: str) -> tuple[int, int]:
     return balance, version
 
 
-class _Think:
+class Think:
     """A random pause inside a handler (the latency of real work), so that kills land
     mid-handler often; 0 means none."""
 
@@ -463,7 +475,7 @@ class _Think:
 def serve_bank(
     connector: SystemConnector,
     history: HistoryWriter,
-    think: _Think | None = None,
+    think: Think | None = None,
     guarantee: DeliveryGuarantee = DeliveryGuarantee.EXACTLY_ONCE,
 ) -> None:
     """``debit`` (check the balance, debit, send ``credit`` through the outbox, or reject)
@@ -471,7 +483,7 @@ def serve_bank(
     driver chooses the debits') the effect and the inbox record are one transaction;
     AT_LEAST_ONCE is the planted bug a chaos test must catch."""
     bank = connector.system_id
-    pause = think or _Think(0.0, SystemClock())
+    pause = think or Think(0.0, SystemClock())
 
     async def debit(message: Message, ctx: MessageContext) -> None:
         data: Any = message.payload
@@ -536,11 +548,11 @@ class PoisonJobError(Exception):
 
 
 def serve_stage(
-    connector: SystemConnector, history: HistoryWriter, think: _Think | None = None
+    connector: SystemConnector, history: HistoryWriter, think: Think | None = None
 ) -> None:
     """``job.created`` -> ``job.staged`` (AT_LEAST_ONCE); a poison job always fails, a
     deadly one (also poison) SIGKILLs the worker that handles it."""
-    pause = think or _Think(0.0, SystemClock())
+    pause = think or Think(0.0, SystemClock())
 
     async def stage(message: Message, ctx: MessageContext) -> None:
         payload: Any = message.payload
@@ -569,10 +581,10 @@ def serve_stage(
 
 
 def serve_sink(
-    connector: SystemConnector, history: HistoryWriter, think: _Think | None = None
+    connector: SystemConnector, history: HistoryWriter, think: Think | None = None
 ) -> None:
     """``job.staged`` -> a ``Processed`` event in the store (AT_LEAST_ONCE: may repeat)."""
-    pause = think or _Think(0.0, SystemClock())
+    pause = think or Think(0.0, SystemClock())
 
     async def sink(message: Message, ctx: MessageContext) -> None:
         payload: Any = message.payload
@@ -602,7 +614,7 @@ async def run_worker(
     the file ``calm`` exists; ``guarantee``: what a bank sends its credits with;
     ``max_retries``: the broker's retries before a message is dead-lettered."""
     clock = SystemClock()
-    pause = _Think(think, clock)
+    pause = Think(think, clock)
     settings = load_settings()
     history = HistoryWriter(history_path, name, clock=clock)
     store = await open_store(settings.event_store_url, clock=clock)
