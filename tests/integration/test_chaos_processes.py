@@ -793,9 +793,14 @@ async def test_pipeline_survives_sigkilled_stage_and_sink_workers(
             Violation("liveness", f"did not drain in {DRAIN_DEADLINE_SECONDS}s: {why}")
         )
     stats = counts(history)
+    # Jobs that never failed themselves but were dead-lettered: they died with their worker
+    # often enough (e.g. next to a deadly job) to use up their retries. Allowed by the
+    # accounting; reported so that a change in how often it happens is seen.
+    poison = {n for n in range(JOBS) if n % POISON_EVERY == POISON_EVERY // 2} | set(DEADLY)
     print(
         f"{len(acknowledged)} jobs acknowledged, {len(set(processed))} processed "
-        f"({len(processed) - len(set(processed))} duplicates), {len(dead)} dead-lettered; "
+        f"({len(processed) - len(set(processed))} duplicates), {len(dead)} dead-lettered "
+        f"({len(dead - poison)} of them not poison: {sorted(dead - poison)}); "
         f"{len(cluster.schedule)} kills and crashes; {stats}"
     )
     print("\n".join(cluster.schedule))
