@@ -3,16 +3,19 @@
 Beside the simulator, the same workloads run on real worker processes
 (:mod:`collaborative_blocks.simulations.processes`): a nemesis picks a random running worker
 every few hundred milliseconds (a seeded schedule, printed), kills it with SIGKILL (its whole
-process group) and starts a new incarnation. After the workload the killing stops, the test
-waits (polling the store and Redis, with a deadline) until nothing is in flight, reads the
-outcome from the store, and judges the merged history of every process with the simulated
-scenarios' own checkers:
+process group) and starts a new incarnation; workers also kill themselves, now and then,
+right after committing a handler's effects and before the ack, and a supervisor restarts
+them. After the workload the killing stops, the test waits (polling the store and Redis,
+with a deadline) until nothing is in flight, reads the outcome from the store, and judges
+the merged history of every process with the simulated scenarios' own checkers:
 
 - ``transfers`` (EXACTLY_ONCE, inbox and outbox on PostgreSQL): no transfer applied twice,
   money conserved, every acknowledged transfer applied, no overdraft, nothing applied that
-  was not asked for.
+  was not asked for. The same run with the commands sent AT_LEAST_ONCE (a planted bug)
+  must be caught.
 - ``pipeline`` (AT_LEAST_ONCE): no acknowledged message lost, published = processed +
-  dead-lettered + in flight (0 after the drain), poison jobs dead-lettered.
+  dead-lettered + in flight (0 after the drain), poison jobs dead-lettered, and a job that
+  kills every worker handling it is dead-lettered too.
 
 ``CB_CHAOS_SEED=N`` replays a schedule's intent (the kill times depend on the machine);
 ``CB_CHAOS_REPLICAS=N`` runs N competing worker processes per bank (one consumer group).
@@ -71,6 +74,9 @@ DRAIN_DEADLINE_SECONDS = 45.0
 #: A safety net so a hang fails the test instead of blocking the suite.
 HANG_GUARD_SECONDS = 120.0
 KILL_INTERVAL = (0.3, 1.0)
+#: The fewest nemesis kills a run must show (it kills only workers that are up; on a loaded
+#: machine restarts are slow and some turns find none).
+MIN_KILLS = 3
 #: The longest random pause a worker's handler makes (real work takes time; kills then land
 #: inside handlers, not only between them).
 THINK = "0.02"
@@ -643,7 +649,7 @@ async def test_transfers_survive_sigkilled_bank_workers(services: Services, tmp_
     assert not run.violations, report(seed, run.cluster, run.violations)
     assert not run.cluster.unexpected, report(seed, run.cluster)
     nemesis_kills = sum("SIGKILL" in entry for entry in run.cluster.schedule)
-    assert nemesis_kills >= 5, f"the nemesis killed only {nemesis_kills} workers"
+    assert nemesis_kills >= MIN_KILLS, f"the nemesis killed only {nemesis_kills} workers"
     # Coverage: kills hid outcomes and another incarnation took the work over (a green run
     # must mean the kills hit something).
     stats = counts(run.history)
@@ -807,7 +813,7 @@ async def test_pipeline_survives_sigkilled_stage_and_sink_workers(
     assert not violations, report(seed, cluster, violations)
     assert not cluster.unexpected, report(seed, cluster)
     nemesis_kills = sum("SIGKILL" in entry for entry in cluster.schedule)
-    assert nemesis_kills >= 5, f"the nemesis killed only {nemesis_kills} workers"
+    assert nemesis_kills >= MIN_KILLS, f"the nemesis killed only {nemesis_kills} workers"
     assert stats["taken_over"] > 0, report(seed, cluster)
     assert len(acknowledged) == JOBS
     # The jobs that kill their worker did not loop forever: they were dead-lettered.
