@@ -382,3 +382,41 @@ def workflow_command(
         markdown=markdown,
         sqlite_in_header=True,
     )
+
+
+@app.command("chaos")
+def chaos_command(
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+    markdown: Annotated[
+        bool, typer.Option("--markdown", help="Print the table as Markdown (for the docs).")
+    ] = False,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Two seeds per scenario, one round (tests).")
+    ] = False,
+    rounds: Annotated[
+        int | None,
+        typer.Option(min=1, help="Interleaved rounds per case (default 3; 1 with --quick)."),
+    ] = None,
+) -> None:
+    """The chaos simulator: simulated deliveries per CPU-second of every scenario, with its
+    default faults and with none, and the CI gate's projected time (issue 6 targets)."""
+    from collaborative_blocks.bench import chaos as bench
+
+    options: dict[str, Any] = {}
+    if rounds is not None:
+        options["rounds"] = rounds
+    cfg = bench.ChaosBenchConfig.quick(**options) if quick else bench.ChaosBenchConfig(**options)
+    _run_and_report(
+        "chaos",
+        lambda progress: bench.run_chaos_bench(cfg, progress),
+        planned=bench.planned_measurements(cfg),
+        rounds_label=f"{cfg.rounds} interleaved round(s)",
+        config={
+            "rounds": cfg.rounds,
+            "quick": quick,
+            "seeds": list(cfg.seeds),
+            "scenarios": list(cfg.chosen()),
+        },
+        as_json=as_json,
+        markdown=markdown,
+    )
