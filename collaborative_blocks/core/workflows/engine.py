@@ -66,7 +66,6 @@ from collaborative_blocks.core.runtime import Runtime
 from collaborative_blocks.core.settings import Settings
 from collaborative_blocks.core.workflows.breakers import (
     BreakerRegistry,
-    BreakerState,
     BreakerTransition,
 )
 from collaborative_blocks.core.workflows.conditions import WorkflowScope, render_parameters
@@ -383,10 +382,17 @@ def retry_due(
 def breaker_route(
     rules: Iterable[AdaptationRule],
     step: CompiledStep,
-    states: Callable[[str], BreakerState],
+    retry_after: Callable[[str], float],
 ) -> tuple[str, AdaptationRule | None]:
     """Where the step goes: its target, or the first BREAKER_OPEN + ROUTE_TO rule's
-    ``route_to`` (else the step's ``fallback_target``) while that rule's breaker is open."""
+    ``route_to`` (else the step's ``fallback_target``) while that rule's breaker refuses
+    calls.
+
+    ``retry_after(target)``: seconds until ``target``'s breaker permits a call (its
+    :meth:`~collaborative_blocks.core.workflows.breakers.CircuitBreaker.retry_after`). Once
+    the open wait has passed this is 0 and the step goes to its target again: that call is
+    the breaker's trial call (an open breaker only moves to HALF_OPEN when a call reaches
+    it, so routing on ``state is OPEN`` would keep the target cut off for good)."""
     target = step.step.system_target
     for rule in rules:
         if rule.when is not RuleTrigger.BREAKER_OPEN or rule.then is not RuleAction.ROUTE_TO:
@@ -397,7 +403,7 @@ def breaker_route(
         if rule.step_id is None and watched != target:
             continue
         destination = rule.route_to or step.step.fallback_target
-        if destination and destination != target and states(watched) is BreakerState.OPEN:
+        if destination and destination != target and retry_after(watched) > 0:
             return destination, rule
     return target, None
 
@@ -1197,7 +1203,7 @@ class WorkflowCoordinationEngine:
         state = run.steps[step_id]
         attempt = state.attempts + 1
         rules = active.compiled.rules
-        target, route_rule = breaker_route(rules, compiled_step, self._breaker_state)
+        target, route_rule = breaker_route(rules, compiled_step, self._breaker_wait)
         if route_rule is not None:
             self._record_rule(
                 active,
@@ -1506,10 +1512,11 @@ class WorkflowCoordinationEngine:
                     at=transition.at,
                 )
 
-    def _breaker_state(self, target: str) -> BreakerState:
+    def _breaker_wait(self, target: str) -> float:
+        """Seconds until ``target``'s breaker permits a call (0: closed, or a trial is due)."""
         if target not in self.breakers:
-            return BreakerState.CLOSED
-        return self.breakers.get(target).state
+            return 0.0
+        return self.breakers.get(target).retry_after()
 
     def _record_rule(
         self, active: _Run, rule: AdaptationRule, step_id: str, detail: dict[str, Any]

@@ -543,12 +543,55 @@ def test_breaker_route_uses_the_steps_fallback_target() -> None:
         ],
     )
     compiled = definition.compile()
-    states = {"pay": BreakerState.OPEN, "ship": BreakerState.OPEN}
-    route = breaker_route(compiled.rules, compiled.steps["a"], states.__getitem__)
+    waits = {"pay": 5.0, "ship": 5.0}
+    route = breaker_route(compiled.rules, compiled.steps["a"], waits.__getitem__)
     assert route == ("pay-2", compiled.rules[0])
-    assert breaker_route(compiled.rules, compiled.steps["b"], states.__getitem__) == ("ship", None)
-    closed = breaker_route(compiled.rules, compiled.steps["a"], lambda _: BreakerState.CLOSED)
+    assert breaker_route(compiled.rules, compiled.steps["b"], waits.__getitem__) == ("ship", None)
+    # No wait left (closed, or open with its wait passed: a trial call is due): the target.
+    closed = breaker_route(compiled.rules, compiled.steps["a"], lambda _: 0.0)
     assert closed == ("pay", None)
+
+
+async def test_an_open_primary_gets_a_trial_call_after_its_wait_and_traffic_returns(
+    world: World, clock: VirtualClock
+) -> None:
+    primary: list[str] = []
+    backup: list[str] = []
+    world.handle("payments", "pay", echo_calls(primary))
+    world.handle("payments-backup", "pay", echo_calls(backup))
+    breakers = BreakerRegistry(BreakerConfig(wait_duration_in_open=30.0), clock=clock)
+    engine = world.engine(breakers=breakers)
+    definition = WorkflowDefinition(
+        "wf",
+        "pay",
+        steps=[step("pay", system_target="payments", action="pay")],
+        rules=[
+            AdaptationRule(
+                "use-backup",
+                when=RuleTrigger.BREAKER_OPEN,
+                then=RuleAction.ROUTE_TO,
+                target="payments",
+                route_to="payments-backup",
+            )
+        ],
+    )
+    await engine.define_workflow(definition)
+    breaker = breakers.get("payments")
+    breaker.force_open()
+    routed = await drive(clock, engine.execute_workflow("wf", run_id="while-open"))
+    assert routed.steps["pay"].target == "payments-backup"
+    assert (primary, backup) == ([], ["pay"])
+    await clock.advance(31.0)  # the open wait has passed; the breaker is still OPEN until a call
+    assert breaker.state is BreakerState.OPEN
+    trial = await drive(clock, engine.execute_workflow("wf", run_id="after-wait"))
+    assert trial.succeeded
+    assert trial.steps["pay"].target == "payments"
+    assert trial.applied_rules == ()
+    assert (primary, backup) == (["pay"], ["pay"])
+    assert breaker.state is not BreakerState.OPEN  # the trial call reached it
+    again = await drive(clock, engine.execute_workflow("wf", run_id="next"))
+    assert again.steps["pay"].target == "payments"
+    assert (primary, backup) == (["pay", "pay"], ["pay"])
 
 
 async def test_slow_step_rule_changes_parameters_after_a_slow_attempt_or_run(
