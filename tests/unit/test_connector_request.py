@@ -177,3 +177,36 @@ async def test_concurrent_requests_with_distinct_keys_run_in_parallel(
     await until(clock, both.is_set)
     release.set()
     assert {str(await first), str(await second)} == {"a", "b"}
+
+
+async def test_each_pending_call_times_out_at_its_own_deadline(
+    broker: MessageBroker, clock: VirtualClock
+) -> None:
+    never = asyncio.Event()
+    answered: list[str] = []
+
+    async def stall(message: Message) -> object:
+        if message.payload == "quick":
+            answered.append("quick")
+            return "ok"
+        await never.wait()
+        return None
+
+    SystemConnector("slow", broker).on_command("work", stall)
+    asker = SystemConnector("asker", broker)
+    # A long deadline first, then a shorter one (the timer must wake earlier for it), then
+    # a call answered in time (its deadline must not fire).
+    late = asyncio.ensure_future(asker.request("slow", "work", "a", timeout=10.0, key="a"))
+    early = asyncio.ensure_future(asker.request("slow", "work", "b", timeout=2.0, key="b"))
+    quick = asyncio.ensure_future(asker.request("slow", "work", "quick", timeout=1.0, key="c"))
+    await until(clock, early.done)
+    assert 2.0 <= clock.monotonic() < 10.0
+    assert await quick == "ok"
+    assert not late.done()
+    with pytest.raises(QueryTimeoutError, match=r"no response within 2\.0s"):
+        await early
+    await until(clock, late.done)
+    assert clock.monotonic() >= 10.0
+    with pytest.raises(QueryTimeoutError, match=r"no response within 10\.0s"):
+        await late
+    assert asker._pending == {}

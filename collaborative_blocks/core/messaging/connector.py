@@ -29,9 +29,13 @@ consumer group, and each ``on_event`` pattern is one group per system.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
+import math
 from collections.abc import Awaitable, Mapping
 from typing import TypeVar
 
+from collaborative_blocks.core.clock import SystemClock
 from collaborative_blocks.core.messaging.broker import (
     ContextHandler,
     Handler,
@@ -101,6 +105,12 @@ class SystemConnector:
         self._inbox: _ConsumerSpec | None = None
         self._replies: _ConsumerSpec | None = None
         self._events: list[_ConsumerSpec] = []
+        # Reply deadlines of pending queries and requests, earliest first, expired by one
+        # timer task per connector (not a sleeper task and an asyncio.wait per call).
+        self._deadlines: list[_Deadline] = []
+        self._deadline_seq = itertools.count()
+        self._timer: asyncio.Task[None] | None = None
+        self._timer_at = math.inf
 
     # -- registering what this system answers -------------------------------------------------
 
@@ -165,6 +175,11 @@ class SystemConnector:
                 await self.broker._stop_consumer(spec)
         self._inbox = self._replies = None
         self._events.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._deadlines.clear()
+        self._timer_at = math.inf
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(MessagingError(f"connector {self.address} was closed"))
@@ -302,8 +317,18 @@ class SystemConnector:
             await self.broker.publish(message)
             return await self._wait(future, wait, target, message.name, correlation_id)
         finally:
-            self._pending.pop(correlation_id, None)
+            pending = self._pending
+            pending.pop(correlation_id, None)
             self._requests.discard(correlation_id)
+            if not pending and self._deadlines:
+                self._deadlines.clear()
+                if self._timer is not None and type(self.broker.clock) is not SystemClock:
+                    # On a virtual clock a timer asleep until a stale deadline would keep the
+                    # clock from being idle; on the system clock it costs nothing and is
+                    # kept, saving a task per call when calls come one at a time.
+                    self._timer.cancel()
+                    self._timer = None
+                    self._timer_at = math.inf
 
     def _message(
         self,
@@ -364,9 +389,55 @@ class SystemConnector:
         name: str,
         correlation_id: str,
     ) -> JSONValue:
-        if not future.done() and not await self._race(future, seconds):
-            raise QueryTimeoutError(target, name, seconds, correlation_id)
-        return future.result()
+        if not future.done():
+            self._arm(future, seconds, target, name, correlation_id)
+        return await future
+
+    def _arm(
+        self,
+        future: asyncio.Future[JSONValue],
+        seconds: float,
+        target: str,
+        name: str,
+        correlation_id: str,
+    ) -> None:
+        """Fail ``future`` with :class:`QueryTimeoutError` if no reply came within ``seconds``
+        of the broker's clock."""
+        deadline = self.broker.clock.monotonic() + seconds
+        entry = (deadline, next(self._deadline_seq), future, target, name, seconds, correlation_id)
+        deadlines = self._deadlines
+        if len(deadlines) > 64 and len(deadlines) > 2 * len(self._pending):
+            # Answered calls leave their entry behind; drop them once they are the majority.
+            deadlines[:] = [d for d in deadlines if not d[2].done()]
+            heapq.heapify(deadlines)
+        heapq.heappush(deadlines, entry)
+        timer = self._timer
+        if timer is None or timer.done() or deadline < self._timer_at:
+            if timer is not None:
+                timer.cancel()
+            self._timer_at = deadline
+            self._timer = asyncio.get_running_loop().create_task(
+                self._expire(), name=f"cb-reply-deadlines {self.address}"
+            )
+
+    async def _expire(self) -> None:
+        """The timer: fail each pending call whose deadline passed, sleeping in between
+        until the earliest one; ends when none is left."""
+        deadlines = self._deadlines
+        clock = self.broker.clock
+        while deadlines:
+            deadline, _, future, target, name, seconds, correlation_id = deadlines[0]
+            if future.done():
+                heapq.heappop(deadlines)
+                continue
+            now = clock.monotonic()
+            if deadline <= now:
+                heapq.heappop(deadlines)
+                future.set_exception(QueryTimeoutError(target, name, seconds, correlation_id))
+                continue
+            self._timer_at = deadline
+            await clock.sleep(deadline - now)
+        self._timer_at = math.inf
 
     # -- receiving --------------------------------------------------------------------------
 
@@ -480,6 +551,9 @@ class SystemConnector:
                     str(payload.get("error")),
                 )
             )
+
+
+_Deadline = tuple[float, int, "asyncio.Future[JSONValue]", str, str, float, str]
 
 
 def _as_json(value: object, kind: str = "query") -> JSONValue:
