@@ -262,6 +262,11 @@ class SimClock:
     def monotonic(self) -> float:
         return self._loop._now
 
+    def call_later(self, seconds: float, callback: Callable[[], object]) -> asyncio.TimerHandle:
+        """Run ``callback`` after ``seconds`` of simulated time (a timer, no task): what the
+        memory transport uses to wake its consumers at an ack deadline."""
+        return self._loop.call_at(self._loop._now + max(seconds, 0.0), callback)
+
     async def sleep(self, seconds: float) -> None:
         if seconds <= 0:
             await asyncio.sleep(0)

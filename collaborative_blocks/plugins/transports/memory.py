@@ -24,6 +24,7 @@ import heapq
 import itertools
 from collections import deque
 from collections.abc import Sequence
+from functools import partial
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
 
@@ -243,13 +244,25 @@ class _MemorySubscription:
             await group.wakeup.wait()
             return
         clock = group.clock
-        sleeper = asyncio.ensure_future(clock.sleep(max(deadline - clock.monotonic(), 0.0)))
-        waker = asyncio.ensure_future(group.wakeup.wait())
+        wakeup = group.wakeup
+        delay = max(deadline - clock.monotonic(), 0.0)
+        # The deadline sets the group's wakeup like a publish or a settle does (whoever waits
+        # then looks again); waiting is one Event.wait, not a race of two tasks.
+        call_later = getattr(clock, "call_later", None)
+        if call_later is not None:
+            # A clock that schedules callbacks itself (the chaos simulator's) needs no task.
+            handle = call_later(delay, wakeup.set)
+            try:
+                await wakeup.wait()
+            finally:
+                handle.cancel()
+            return
+        sleeper = asyncio.ensure_future(clock.sleep(delay))
+        sleeper.add_done_callback(partial(_wake_unless_cancelled, wakeup))
         try:
-            await asyncio.wait((sleeper, waker), return_when=asyncio.FIRST_COMPLETED)
+            await wakeup.wait()
         finally:
             sleeper.cancel()
-            waker.cancel()
 
     async def close(self) -> None:
         if self._closed:
@@ -270,6 +283,11 @@ class _MemorySubscription:
                 del subject.groups[group.name]
                 subject.trim()
         group.wakeup.set()
+
+
+def _wake_unless_cancelled(wakeup: asyncio.Event, sleeper: asyncio.Future[None]) -> None:
+    if not sleeper.cancelled():
+        wakeup.set()
 
 
 class MemoryTransport:
