@@ -183,6 +183,9 @@ def _as_guards(guards: Guard | Iterable[Guard]) -> tuple[Guard, ...]:
 _Declaration = tuple[Callable[..., None], tuple[_TransitionSpec, ...], str]
 
 
+_NO_DEFAULT: Any = inspect.Parameter.empty
+
+
 @dataclass(frozen=True, slots=True)
 class Trigger:
     """One trigger of a lifecycle: its name, the event class it records, its signature."""
@@ -190,6 +193,32 @@ class Trigger:
     name: str
     event_class: type[CanMutateAggregate[Any]]
     signature: inspect.Signature
+    #: The fast binder's table, (name, default) in signature order without ``self``, when
+    #: every parameter is a plain one (positional-or-keyword or keyword-only); else None.
+    fields: tuple[tuple[str, Any], ...] | None = None
+    #: How many leading fields may be given positionally.
+    positional: int = 0
+    names: frozenset[str] = frozenset()
+
+
+def _trigger(
+    name: str, event_class: type[CanMutateAggregate[Any]], func: Callable[..., None]
+) -> Trigger:
+    """The trigger with its binder table (see :meth:`StateMachineAggregate._bind`)."""
+    signature = inspect.signature(func)
+    parameters = list(signature.parameters.values())[1:]
+    plain = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    if not all(p.kind in plain for p in parameters):
+        return Trigger(name, event_class, signature)
+    positional = 0
+    for p in parameters:
+        if p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD:
+            break
+        positional += 1
+    fields = tuple((p.name, p.default) for p in parameters)
+    return Trigger(
+        name, event_class, signature, fields, positional, frozenset(p.name for p in parameters)
+    )
 
 
 @dataclass(slots=True)
@@ -426,7 +455,7 @@ class StateMachineAggregate(Aggregate, Generic[S]):
                     setattr(
                         event_class, f"upcast_v{version}_v{version + 1}", staticmethod(upcaster)
                     )
-            lifecycle.triggers[name] = Trigger(name, event_class, inspect.signature(func))
+            lifecycle.triggers[name] = _trigger(name, event_class, func)
         cls._cb_declarations = declarations
         cls.lifecycle = lifecycle
 
@@ -489,6 +518,24 @@ class StateMachineAggregate(Aggregate, Generic[S]):
             raise IllegalTransitionError(
                 lifecycle.owner, trigger, self.state.value, lifecycle.allowed(self.state)
             )
+        fields = spec.fields
+        if fields is not None and len(args) <= spec.positional and spec.names.issuperset(kwargs):
+            # The fast binder: what Signature.bind + apply_defaults give for plain parameters,
+            # without building a BoundArguments per command.
+            payload: dict[str, Any] = {}
+            for index, (field_name, default) in enumerate(fields):
+                if index < len(args):
+                    if field_name in kwargs:
+                        break  # given twice: Signature.bind words the error
+                    payload[field_name] = args[index]
+                elif field_name in kwargs:
+                    payload[field_name] = kwargs[field_name]
+                elif default is not _NO_DEFAULT:
+                    payload[field_name] = default
+                else:
+                    break  # missing: Signature.bind words the error
+            else:
+                return payload
         try:
             bound = spec.signature.bind(self, *args, **kwargs)
         except TypeError as error:

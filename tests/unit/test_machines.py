@@ -550,3 +550,58 @@ def test_upcasters_are_given_once_per_trigger() -> None:
             @transition(source=OrderState.PAID, dest=OrderState.NEW, upcasters=[dict.clear])
             def flip(self) -> None:
                 pass
+
+
+class Shape(enum.Enum):
+    IDLE = "idle"
+
+
+class Bindings(StateMachineAggregate[Shape]):
+    initial = Shape.IDLE
+
+    @event("Made")
+    def __init__(self) -> None:
+        self.seen: list[dict[str, object]] = []
+
+    @transition(source=Shape.IDLE)
+    def plain(self, a: int, b: str = "x", *, c: float = 1.5, d: int) -> None:
+        self.seen.append({"a": a, "b": b, "c": c, "d": d})
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs"),
+    [
+        ((), {"a": 1, "d": 4}),
+        ((1,), {"d": 4}),
+        ((1, "y"), {"c": 2.5, "d": 4}),
+        ((), {"d": 4, "c": 0.5, "b": "z", "a": 9}),
+        ((), {"a": 1}),  # d missing
+        ((1,), {"a": 1, "d": 4}),  # a twice
+        ((1, "y", 2.0), {"d": 4}),  # c is keyword-only
+        ((), {"a": 1, "d": 4, "e": 5}),  # unknown
+    ],
+)
+def test_trigger_arguments_bind_exactly_as_the_signature_says(
+    args: tuple[object, ...], kwargs: dict[str, object]
+) -> None:
+    import inspect
+
+    signature = inspect.signature(Bindings.plain)
+    try:
+        bound = signature.bind(None, *args, **kwargs)
+    except TypeError:
+        expected = None
+    else:
+        bound.apply_defaults()
+        expected = dict(bound.arguments)
+        expected.pop("self")
+    model = Bindings()
+    if expected is None:
+        with pytest.raises(CommandArgumentsError):
+            model.plain(*args, **kwargs)  # type: ignore[arg-type]
+        assert model.version == 1
+        return
+    model.plain(*args, **kwargs)  # type: ignore[arg-type]
+    assert model.seen == [expected]
+    (recorded,) = model.pending_events[1:]
+    assert {k: getattr(recorded, k) for k in expected} == expected
