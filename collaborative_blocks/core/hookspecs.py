@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     )
     from collaborative_blocks.core.runtime import Runtime
     from collaborative_blocks.simulations.scenarios.base import Scenario
+    from collaborative_blocks.simulations.world import Node, World
 
 PROJECT_NAME = "collaborative_blocks"
 
@@ -121,6 +122,35 @@ def cb_chaos_scenarios() -> Sequence[type[Scenario] | Scenario]:
     coverage. A name already taken (by a built-in or another plugin) is an error naming
     both. See the module docstring of ``collaborative_blocks.simulations.scenarios`` for a
     complete example.
+    """
+    raise NotImplementedError
+
+
+@hookspec
+def cb_chaos_component(kind: str, component: Any, world: World, node: Node | None) -> Any:
+    """Replace (usually: wrap) a component a chaos simulation builds; ``None`` keeps it.
+
+    Fires once per component and run, when the simulated world builds it
+    (:meth:`~collaborative_blocks.simulations.world.World.component`). ``kind`` says which:
+
+    - ``"store"``: the durable store every node shares (an
+      :class:`~collaborative_blocks.stores.EventStore`; ``node`` is ``None``);
+    - ``"network"``: the transport every node's broker uses (the in-memory transport:
+      ``publish``, ``publish_nowait``, ``subscribe``, ``in_flight``; ``node`` is ``None``);
+    - ``"resolvers"``: the :class:`~collaborative_blocks.core.sync.resolvers.ResolverRegistry`
+      a sync engine of the scenario uses (from ``World.resolvers``);
+    - ``"workflow_engine"``: a
+      :class:`~collaborative_blocks.core.workflows.WorkflowCoordinationEngine` the scenario
+      started on ``node`` (built again after every restart of the node).
+
+    Return an object that does what the original does (same methods) or ``None``. With
+    several plugins, each gets what the previous one returned. A returned object with a
+    ``node_crashed(node_name: str)`` method is called on every simulated crash, after the
+    node's tasks are gone (to model what the crash does to the component's memory).
+    Implementations may take any subset of the arguments. This is how planted bugs reach a
+    simulation (``cblocks chaos run -p collaborative_blocks.testing.mutants.forgetful_inbox``):
+    a run with a buggy component must fail an invariant, which proves the checkers can fail.
+    Only simulations fire it; it never changes a real deployment.
     """
     raise NotImplementedError
 

@@ -39,6 +39,7 @@ from collaborative_blocks.core.messaging.envelope import JSONValue, Message
 from collaborative_blocks.core.messaging.transport import Delivery, Subscription
 from collaborative_blocks.core.plugins import make_plugin_manager
 from collaborative_blocks.core.settings import Settings, load_settings
+from collaborative_blocks.core.sync.resolvers import ResolverRegistry
 from collaborative_blocks.errors import SimulationError, StoreUnavailableError
 from collaborative_blocks.plugins.transports.memory import MemoryTransport
 from collaborative_blocks.simulations.faults import FaultPlan
@@ -186,8 +187,14 @@ class World:
         self.phase = Phase.SAFETY
         self.faults_active = not plan.is_empty
         self.clock = SimClock(loop, start=START_TIME)
-        self.durable = MemoryEventStore("memory://simulated-disk")
-        self.network = MemoryTransport(clock=self.clock, url="memory://simulated-network")
+        #: Components a plugin replaced (``cb_chaos_component``): told about crashes.
+        self._replaced: list[object] = []
+        self.durable: EventStore = self.component(
+            "store", MemoryEventStore("memory://simulated-disk")
+        )
+        self.network: MemoryTransport = self.component(
+            "network", MemoryTransport(clock=self.clock, url="memory://simulated-network")
+        )
         self.settings = _settings()
         self.deliveries = 0
         self.delayed = 0
@@ -230,6 +237,46 @@ class World:
     def now(self) -> float:
         """Simulated seconds since the run started."""
         return self.loop._now
+
+    # -- components ----------------------------------------------------------------------------
+
+    def component(self, kind: str, component: T, node: Node | None = None) -> T:
+        """``component`` as the run's plugins want it (``cb_chaos_component``).
+
+        The world builds its durable store (``"store"``) and its network (``"network"``)
+        through this; scenarios build theirs too: the sync engine's resolver table
+        (``"resolvers"``, :meth:`resolvers`), the workflow engine (``"workflow_engine"``).
+        Each plugin implementing the hook gets the component the previous one returned and
+        returns a replacement (usually a wrapper) or ``None`` to keep it. A replacement with
+        a ``node_crashed(node_name)`` method is told about every crash (what a crash does to
+        the component's memory is up to it). Without such plugins this returns
+        ``component`` itself, at the cost of one attribute lookup.
+        """
+        impls = self.plugin_manager.hook.cb_chaos_component.get_hookimpls()
+        if not impls:
+            return component
+        current: Any = component
+        arguments = {"kind": kind, "world": self, "node": node}
+        for impl in impls:
+            replaced = impl.function(
+                **{
+                    name: current if name == "component" else arguments[name]
+                    for name in impl.argnames
+                }
+            )
+            if replaced is not None:
+                current = replaced
+        if current is not component and callable(getattr(current, "node_crashed", None)):
+            self._replaced.append(current)
+        found: T = current
+        return found
+
+    def resolvers(self, node: Node | None = None) -> ResolverRegistry:
+        """The conflict resolvers of the run's plugins (``cb_conflict_resolvers``), through
+        :meth:`component` as ``"resolvers"``: what a scenario's sync engine should use."""
+        return self.component(
+            "resolvers", ResolverRegistry.from_plugin_manager(self.plugin_manager), node
+        )
 
     # -- history -------------------------------------------------------------------------------
 
@@ -355,6 +402,8 @@ class World:
         if tasks:
             await asyncio.wait(tasks, timeout=1.0)
         node.state = {}
+        for component in self._replaced:
+            component.node_crashed(node.name)  # type: ignore[attr-defined]
 
     async def restart(self, node: Node) -> None:
         if node.up:

@@ -97,6 +97,7 @@ BUILTIN_SCENARIOS: dict[str, str] = {
     "transfers": "collaborative_blocks.simulations.scenarios.transfers:TransfersScenario",
     "pipeline": "collaborative_blocks.simulations.scenarios.pipeline:PipelineScenario",
     "replicas": "collaborative_blocks.simulations.scenarios.replicas:ReplicasScenario",
+    "orders": "collaborative_blocks.simulations.scenarios.orders:OrdersScenario",
 }
 
 

@@ -21,7 +21,6 @@ from typing import Any
 
 from collaborative_blocks.core.runtime import Runtime
 from collaborative_blocks.core.sync.engine import RealTimeSyncEngine
-from collaborative_blocks.core.sync.resolvers import ResolverRegistry
 from collaborative_blocks.errors import StoreUnavailableError
 from collaborative_blocks.simulations.checkers import Checker, FunctionChecker, reads
 from collaborative_blocks.simulations.results import History, Operation, OpType, Violation
@@ -75,7 +74,7 @@ class ReplicasScenario(Scenario):
             store=node.store,
             plugin_manager=world.plugin_manager,
         )
-        resolvers = ResolverRegistry.from_plugin_manager(world.plugin_manager)
+        resolvers = world.resolvers(node)  # a plugin may replace them (cb_chaos_component)
         resolvers.assign("lww.*", "last_write_wins")
         resolvers.assign("vc.*", "vector_clock")
         engine = RealTimeSyncEngine(
