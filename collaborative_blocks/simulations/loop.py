@@ -53,6 +53,51 @@ class _NoSelector:
         return {}
 
 
+class _Handle(asyncio.Handle):
+    """An asyncio handle built without the debug-mode check (a simulation never needs it)."""
+
+    __slots__ = ()
+
+    def __init__(
+        self,
+        callback: Callable[..., object],
+        args: tuple[Any, ...],
+        loop: asyncio.AbstractEventLoop,
+        context: contextvars.Context,
+    ) -> None:
+        self._callback = callback
+        self._args = args
+        self._loop = loop
+        self._context = context
+        self._cancelled = False
+        self._repr = None
+        self._source_traceback = None
+
+
+class _TimerHandle(asyncio.TimerHandle):
+    """A timer handle built without the debug-mode check."""
+
+    __slots__ = ()
+
+    def __init__(
+        self,
+        when: float,
+        callback: Callable[..., object],
+        args: tuple[Any, ...],
+        loop: asyncio.AbstractEventLoop,
+        context: contextvars.Context,
+    ) -> None:
+        self._callback = callback
+        self._args = args
+        self._loop = loop
+        self._context = context
+        self._cancelled = False
+        self._repr = None
+        self._source_traceback = None
+        self._when = when
+        self._scheduled = False
+
+
 class SimulationLoop(asyncio.BaseEventLoop):
     """An asyncio loop on virtual time with a seeded order of ready callbacks.
 
@@ -70,22 +115,73 @@ class SimulationLoop(asyncio.BaseEventLoop):
         self._node_tasks: dict[str, dict[int, asyncio.Task[Any]]] = {}
         self._task_seq = 0
         self._prune_at = 1024
-        self.set_task_factory(self._make_task)
+        # Timers as (when, sequence, handle): the sequence breaks ties first come, first
+        # served, and the heap compares floats and ints in C instead of calling
+        # TimerHandle.__lt__ (BaseEventLoop's _scheduled stays empty).
+        self._timers: list[tuple[float, int, Any]] = []
+        self._timer_seq = 0
+        self._cancelled_timers = 0
 
     # -- time ------------------------------------------------------------------------------
 
     def time(self) -> float:
         return self._now
 
+    # -- scheduling callbacks ----------------------------------------------------------------
+    # BaseEventLoop's versions, minus what a simulation never needs (thread and debug
+    # checks): they run for nearly every callback of a run.
+
+    def call_soon(  # type: ignore[override]
+        self,
+        callback: Callable[..., object],
+        *args: Any,
+        context: contextvars.Context | None = None,
+    ) -> asyncio.Handle:
+        if self._closed:  # type: ignore[attr-defined]
+            raise RuntimeError("Event loop is closed")
+        if context is None:
+            context = contextvars.copy_context()
+        handle = _Handle(callback, args, self, context)
+        self._ready.append(handle)  # type: ignore[attr-defined]
+        return handle
+
+    def call_at(  # type: ignore[override]
+        self,
+        when: float,
+        callback: Callable[..., object],
+        *args: Any,
+        context: contextvars.Context | None = None,
+    ) -> asyncio.TimerHandle:
+        if self._closed:  # type: ignore[attr-defined]
+            raise RuntimeError("Event loop is closed")
+        if context is None:
+            context = contextvars.copy_context()
+        timer = _TimerHandle(when, callback, args, self, context)
+        self._timer_seq += 1
+        heapq.heappush(self._timers, (when, self._timer_seq, timer))
+        timer._scheduled = True
+        return timer
+
+    def _timer_handle_cancelled(self, handle: asyncio.TimerHandle) -> None:
+        if handle._scheduled:  # type: ignore[attr-defined]
+            self._cancelled_timers += 1
+
     # -- tasks by node -----------------------------------------------------------------------
 
-    def _make_task(
+    def create_task(  # type: ignore[override]
         self,
-        loop: asyncio.AbstractEventLoop,
         coro: Coroutine[Any, Any, T] | Generator[Any, None, T],
+        *,
+        name: str | None = None,
         context: contextvars.Context | None = None,
     ) -> asyncio.Task[T]:
-        task: asyncio.Task[T] = asyncio.Task(coro, loop=loop, context=context)
+        """A task, remembered under the node whose code created it (:data:`CURRENT_NODE`).
+
+        (This loop ignores ``set_task_factory``: its tasks are always plain asyncio tasks.)
+        """
+        if self._closed:  # type: ignore[attr-defined]
+            raise RuntimeError("Event loop is closed")
+        task: asyncio.Task[T] = asyncio.Task(coro, loop=self, name=name, context=context)
         node = context.get(CURRENT_NODE) if context is not None else CURRENT_NODE.get()
         if node is not None:
             tasks = self._node_tasks.get(node)
@@ -109,59 +205,96 @@ class SimulationLoop(asyncio.BaseEventLoop):
     # -- the scheduler -----------------------------------------------------------------------
 
     def _run_once(self) -> None:
-        # BaseEventLoop's internals (_scheduled, _ready, handles' _when/_run) are what every
+        # BaseEventLoop's internals (_ready, _stopping, handles' fields) are what every
         # asyncio loop uses; typeshed does not declare them.
         base: Any = self
-        scheduled = base._scheduled
+        timers = self._timers
         ready: deque[Any] = base._ready
-        while scheduled and scheduled[0]._cancelled:
-            base._timer_cancelled_count -= 1
-            handle = heapq.heappop(scheduled)
-            handle._scheduled = False
+        if self._cancelled_timers > 256 and 2 * self._cancelled_timers > len(timers):
+            # Mostly cancelled timers (sleeps that were woken early): drop them in one go.
+            # The heap's order is total on (when, sequence), so this changes nothing else.
+            kept = [entry for entry in timers if not entry[2]._cancelled]
+            for entry in timers:
+                if entry[2]._cancelled:
+                    entry[2]._scheduled = False
+            heapq.heapify(kept)
+            timers[:] = kept
+            self._cancelled_timers = 0
+        while timers and timers[0][2]._cancelled:
+            heapq.heappop(timers)[2]._scheduled = False
+            self._cancelled_timers -= 1
         if not ready and not base._stopping:
-            if not scheduled:
+            if not timers:
                 raise SimulationError(
                     "the simulation is deadlocked: no callback is ready and no timer is set "
                     "(every task waits for something that can never happen)"
                 )
-            when = scheduled[0]._when
+            when = timers[0][0]
             if when > self._now:
                 # Nothing to do until the next timer: jump there.
                 self._now = min(when, self._now + _MAX_JUMP)
         now = self._now
-        while scheduled and scheduled[0]._when <= now:
-            handle = heapq.heappop(scheduled)
+        while timers and timers[0][0] <= now:
+            handle = heapq.heappop(timers)[2]
             handle._scheduled = False
             ready.append(handle)
         count = len(ready)
-        if count > 1 and self._shuffle:
-            self._reorder(ready, count)
         self.steps += count
-        for _ in range(count):
-            handle = ready.popleft()
-            if not handle._cancelled:
-                handle._run()
+        if count == 1:
+            self._run_handle(ready.popleft())
+            return
+        if count > 1 and self._shuffle:
+            batch = self._reorder(ready)
+        else:
+            batch = [ready.popleft() for _ in range(count)]
+        for handle in batch:
+            self._run_handle(handle)
 
-    def _reorder(self, ready: deque[Any], count: int) -> None:
-        """Run the ready steps of different tasks in a seeded random order.
+    def _run_handle(self, handle: Any) -> None:
+        """``handle._run()`` without its extra frame (this runs for every callback)."""
+        if handle._cancelled:
+            return
+        try:
+            handle._context.run(handle._callback, *handle._args)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self.call_exception_handler(
+                {
+                    "message": f"Exception in callback {handle._callback!r}",
+                    "exception": exc,
+                    "handle": handle,
+                }
+            )
+
+    def _reorder(self, ready: deque[Any]) -> list[Any]:
+        """Take every ready callback, the steps of different tasks in a seeded random order.
 
         A task has at most one callback ready at a time (its step, or the wake-up that runs
         its step), so permuting the tasks' callbacks among their positions keeps each task's
         own order. Callbacks that belong to no task (futures' done callbacks, ``call_soon``
         functions) keep their positions and FIFO order, since code may rely on that.
         """
-        batch = [ready.popleft() for _ in range(count)]
+        batch = list(ready)
+        ready.clear()
+        task_type = asyncio.Task
         positions = [
             i
             for i, handle in enumerate(batch)
-            if type(getattr(handle._callback, "__self__", None)) is asyncio.Task
+            if type(getattr(handle._callback, "__self__", None)) is task_type
         ]
-        if len(positions) > 1:
+        n = len(positions)
+        if n > 1:
             steps = [batch[i] for i in positions]
-            self._rng.shuffle(steps)
+            # Fisher-Yates on random(): one C call per swap (random.shuffle's _randbelow is
+            # Python code).
+            rnd = self._rng.random
+            for i in range(n - 1, 0, -1):
+                j = int(rnd() * (i + 1))
+                steps[i], steps[j] = steps[j], steps[i]
             for i, handle in zip(positions, steps, strict=True):
                 batch[i] = handle
-        ready.extend(batch)
+        return batch
 
     # -- refusing non-determinism ------------------------------------------------------------
 
