@@ -248,13 +248,24 @@ class MessageContext:
         """Send ``message`` once the handler's effects are committed."""
         if self._outbox is None:
             self._outbox = []
+        cause = self.message
+        # Built directly rather than with _replace (several times slower): handlers that
+        # publish do it for every message they handle.
         self._outbox.append(
-            message._replace(
-                source=message.source or self.system,
-                causation_id=message.causation_id or self.message.id,
-                correlation_id=message.correlation_id
-                or self.message.correlation_id
-                or self.message.id,
+            Message(
+                message.type,
+                message.name,
+                message.payload,
+                message.source or self.system,
+                message.target,
+                message.id,
+                message.key,
+                message.headers,
+                message.correlation_id or cause.correlation_id or cause.id,
+                message.causation_id or cause.id,
+                message.created_at,
+                message.ttl,
+                message.guarantee,
             )
         )
 
