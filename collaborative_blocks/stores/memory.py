@@ -30,6 +30,10 @@ from collaborative_blocks.stores.base import (
 )
 
 
+def _version_of(event: StoredEvent) -> int:
+    return event.version
+
+
 class MemoryEventStore(EventStore):
     def __init__(self, url: str = "memory://") -> None:
         self.url = url
@@ -131,12 +135,19 @@ class MemoryEventStore(EventStore):
         backwards: bool = False,
     ) -> list[StoredEvent]:
         self._check_open()
-        events = self._streams.get(stream, [])
-        start = bisect_left(events, from_version, key=lambda e: e.version)
+        events = self._streams.get(stream)
+        if not events:
+            return []
+        # Most reads want a whole stream (or its tail): skip the searches then.
+        start = (
+            0
+            if from_version <= events[0].version
+            else bisect_left(events, from_version, key=_version_of)
+        )
         stop = (
             len(events)
-            if to_version is None
-            else bisect_left(events, to_version + 1, key=lambda e: e.version)
+            if to_version is None or to_version >= events[-1].version
+            else bisect_left(events, to_version + 1, key=_version_of)
         )
         selected = events[start:stop]
         if backwards:

@@ -124,6 +124,7 @@ class _Group:
         "ready",
         "subject",
         "tiebreak",
+        "unsettled",
         "wakeup",
     )
 
@@ -141,12 +142,16 @@ class _Group:
         self.members = 0
         self.wakeup = asyncio.Event()
         self.tiebreak = itertools.count()
+        # Deliveries handed out and not settled (pending also holds settled ones behind an
+        # unsettled one at its front): in_flight() reads this instead of scanning pending.
+        self.unsettled = 0
 
     def settle(self, delivery: MemoryDelivery, redeliver_at: float | None) -> None:
         if delivery._settled:
             return
         delivery._settled = True
         delivery._consumer.unsettled -= 1
+        self.unsettled -= 1
         if redeliver_at is None:
             # Deliveries settle roughly in hand-out order: drop them from the front now so
             # the pending deque stays short.
@@ -174,6 +179,7 @@ class _Group:
                 # Its consumer died or hung: the message goes to whoever fetches next.
                 delivery._settled = True
                 delivery._consumer.unsettled -= 1
+                self.unsettled -= 1
                 self.ready.append((delivery._entry, delivery.attempt))
 
     def next_deadline(self) -> float | None:
@@ -235,6 +241,7 @@ class _MemorySubscription:
         group = self._group
         delivery = MemoryDelivery(group, self._consumer, entry, attempt, deadline)
         self._consumer.unsettled += 1
+        group.unsettled += 1
         group.pending.append(delivery)
         return delivery
 
@@ -379,8 +386,7 @@ class MemoryTransport:
             last = subject.next_seq
             for group in subject.groups.values():
                 waiting = last - max(group.cursor, entries[0].seq if entries else last)
-                unsettled = sum(1 for d in group.pending if not d._settled)
-                total += waiting + len(group.ready) + len(group.delayed) + unsettled
+                total += waiting + len(group.ready) + len(group.delayed) + group.unsettled
         return total
 
     def backlog(self, subject: str) -> int:
