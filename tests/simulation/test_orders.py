@@ -23,7 +23,7 @@ from collaborative_blocks.simulations.scenarios.orders import (
     check_stock_never_negative,
 )
 
-ORDER = {
+ORDER: Any = {
     "order": "o-0-0",
     "sku": "tea",
     "qty": 2,
@@ -58,10 +58,10 @@ def test_without_faults_only_business_failures_compensate() -> None:
     result = run_simulation("orders", 5, "none", check_coverage=False)
     assert result.ok, [str(v) for v in result.violations]
     read: Any = [op for op in result.history if op.f == "read"][-1].value
-    invoked = {
-        op.value["order"]: op.value  # type: ignore[index]
+    invoked: dict[str, Any] = {
+        str(value["order"]): value
         for op in result.history
-        if op.f == "order" and op.type is OpType.INVOKE
+        if op.f == "order" and op.type is OpType.INVOKE and isinstance(value := op.value, dict)
     }
     for order, run in read["runs"].items():
         asked = invoked[order]
@@ -82,7 +82,7 @@ def _history(runs: dict[str, Any], effects: dict[str, Any], stock: Any = None) -
     invoke = history.append(0.0, "client-0", OpType.INVOKE, "order", ORDER)
     history.append(1.0, "client-0", OpType.OK, "order", {"order": "o-0-0", "status": "x"})
     assert invoke.index == 0
-    value = {
+    value: Any = {
         "runs": runs,
         "effects": effects,
         "stock": stock or {"tea": {"level": 8, "lowest": 0}},
