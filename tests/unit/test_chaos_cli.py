@@ -24,7 +24,7 @@ from collaborative_blocks.cli import app
 from collaborative_blocks.cli import chaos as chaos_cli
 from collaborative_blocks.core.messaging import Message, MessageType
 from collaborative_blocks.errors import UnknownScenarioError
-from collaborative_blocks.simulations import FaultPlan
+from collaborative_blocks.simulations import FaultPlan, scenario_names
 from collaborative_blocks.simulations.checkers import Checker, FunctionChecker, reads
 from collaborative_blocks.simulations.results import (
     History,
@@ -487,9 +487,12 @@ def test_built_in_scenarios_run_green_and_replay_to_the_same_digest(tmp_path: Pa
     assert code == 0, err
     data = json.loads(out)
     assert data["ok"] is True
-    assert [r["scenario"] for r in data["runs"]] == ["transfers", "pipeline", "replicas"]
+    # Every installed scenario, one seed each, in the registry's order.
+    installed = scenario_names()
+    assert {"transfers", "pipeline", "replicas", "orders"} <= set(installed)
+    assert [r["scenario"] for r in data["runs"]] == installed
     assert all(r["deliveries"] > 0 for r in data["runs"])
-    assert report.read_text().count("Plotly.newPlot") == 2 * 3
+    assert report.read_text().count("Plotly.newPlot") == 2 * len(installed)
     transfers = data["runs"][0]
     code, out, _ = cblocks("chaos", "replay", "0", "--scenario", "transfers")
     assert code == 0
