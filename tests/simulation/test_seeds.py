@@ -10,9 +10,9 @@ import pytest
 
 from collaborative_blocks.simulations import run_simulation
 
-SEEDS_PER_SCENARIO = 170
-CHUNK = 17
-SCENARIOS = ("transfers", "pipeline", "replicas")
+SEEDS_PER_SCENARIO = 130
+CHUNK = 13
+SCENARIOS = ("transfers", "pipeline", "replicas", "orders")
 
 
 @pytest.mark.parametrize("first", range(0, SEEDS_PER_SCENARIO, CHUNK))
