@@ -22,6 +22,14 @@ an effect happens at most once and an old, slow attempt can never apply an effec
 newer one was refused. Compensations do the same with ``<run>:<step>:compensate``; an
 injected failure of a compensation is transient (``Unavailable``) and retried.
 
+**The orders node reconciles.** The engine compensates completed steps only; a step whose
+outcome is uncertain (an attempt timed out, or it was waiting for a retry when a sibling
+failed) may have taken effect at its target anyway. The node's supervisor sends the
+compensation of every such step of a run that did not complete (the target undoes the effect,
+or refuses the step for good if it never decided it: a tombstone a late request will find),
+and resumes runs whose driver stopped on a failed store write. Without it about one seed in
+ten leaves a reservation or a charge behind.
+
 Faults: the plan's drops, duplicates, delays, crashes (of targets and of the engine's node),
 partitions, store failures and slow writes; ``handler_error`` makes a target refuse a step
 (the run compensates) or fail a compensation once (it is retried); business failures come
