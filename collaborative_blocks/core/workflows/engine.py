@@ -11,13 +11,18 @@ The engine is a conductor: the state of a run lives in its
 :class:`~collaborative_blocks.core.workflows.run.WorkflowRun` aggregate, every decision is
 taken from that state by small pure functions (which steps are ready, which compensation
 comes next, which adaptation rule applies, when to retry) and every change is an event saved
-before the engine acts on it. So a process that dies at any point leaves a log from which
-:meth:`WorkflowCoordinationEngine.resume` continues:
+before the engine acts on it: one commit per scheduling round carries the outcomes of the
+steps that ended since the last one and the decisions taken from them, before any dependent
+is sent; a retry's due time is committed before its wait starts. So a process that dies at
+any point leaves a log from which :meth:`WorkflowCoordinationEngine.resume` continues:
 
 - completed steps are not run again; an attempt that was in flight when the process died
   counts as failed with error type ``Interrupted`` and is retried by the step's policy
   (steps are **at-least-once**, like Temporal activities: a target should deduplicate on the
-  ``idempotency-key`` header, ``<run_id>:<step_id>``, which stays the same across attempts);
+  ``idempotency-key`` header, ``<run_id>:<step_id>``, which stays the same across attempts).
+  An attempt's start is committed with its outcome (or when the engine closes), not before
+  the command goes out: if the process died first, the log shows the step scheduled (or
+  waiting for its retry) and the attempt is sent again under the same number and message id;
 - a retry wait continues until its recorded due time (the due time is saved before the
   engine starts waiting);
 - an interrupted compensation is retried, then the remaining ones run.
@@ -477,6 +482,8 @@ class _Run:
     done: asyncio.Future[WorkflowResult]
     saving: asyncio.Future[list[int]] | None = None
     steps: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    # Set when one of the run's step tasks ends: the conductor waits on it.
+    wake: asyncio.Future[None] | None = None
     task: asyncio.Task[None] | None = None
     parent: Any = None  # the OpenTelemetry context the run's spans belong to
     traced: bool = True  # whether its attempts get spans
@@ -1077,22 +1084,30 @@ class WorkflowCoordinationEngine:
             await self._save(active)
             return run.state is RunStatus.COMPENSATING
         # Steps recorded in flight without a task here (a resumed run) get one.
-        for step_id in run.in_flight():
-            if step_id not in active.steps or active.steps[step_id].done():
-                self._start_step(active, step_id)
+        to_start = [
+            step_id
+            for step_id in run.in_flight()
+            if step_id not in active.steps or active.steps[step_id].done()
+        ]
+        self._active_steps += len(to_start)
         limit = compiled.definition.max_concurrency
-        running = sum(1 for t in active.steps.values() if not t.done())
-        started = False
+        running = sum(1 for t in active.steps.values() if not t.done()) + len(to_start)
         for step_id in run.ready_steps(active.dependencies):
             if running >= limit:
                 break
             if self._schedule(active, step_id):
                 running += 1
-                started = True
-        if not started:
-            # Skips and failures decided here are saved now; a started step's first save
-            # (its attempt) carries them otherwise, one commit instead of two.
+                to_start.append(step_id)
+        # One commit per round: the outcomes of the steps that ended since the last round
+        # (recorded by their tasks, unsaved), and the skips and schedules decided here. A
+        # step's outcome is durable before any of its dependents is sent.
+        try:
             await self._save(active)
+        except BaseException:
+            self._active_steps -= len(to_start)
+            raise
+        for step_id in to_start:
+            self._start_step(active, step_id)
         if run.failed_steps():
             return True
         if not any(not task.done() for task in active.steps.values()):
@@ -1141,19 +1156,24 @@ class WorkflowCoordinationEngine:
             active.scope.set_step(step_id, StepStatus.SKIPPED.value, None)
             return False
         run.schedule_step(step_id=step_id, at=now)
-        self._start_step(active, step_id)
+        self._active_steps += 1  # counted now: the next step's under-load rule sees it
         return True
 
     def _start_step(self, active: _Run, step_id: str) -> None:
-        self._active_steps += 1
-        active.steps[step_id] = asyncio.create_task(
+        """Start the task of a step already counted in ``_active_steps``."""
+        task = asyncio.create_task(
             self._run_step(active, step_id), name=f"cb-workflow-step {active.run.run_id}:{step_id}"
         )
+        active.steps[step_id] = task
+        task.add_done_callback(lambda _: _wake(active))
 
     async def _wait_for_steps(self, active: _Run) -> None:
-        pending = [task for task in active.steps.values() if not task.done()]
-        if pending:
-            await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        if active.steps and all(not task.done() for task in active.steps.values()):
+            wake = active.wake = asyncio.get_running_loop().create_future()
+            try:
+                await wake
+            finally:
+                active.wake = None
         for step_id, task in list(active.steps.items()):
             if task.done():
                 del active.steps[step_id]
@@ -1277,6 +1297,8 @@ class WorkflowCoordinationEngine:
                         open_error.retry_after,
                     )
                 try:
+                    # Recorded, not saved before the command goes out: it is saved with the
+                    # attempt's outcome (steps are at-least-once; see _record_attempts).
                     run.start_attempt(
                         step_id=step_id,
                         attempt=attempt,
@@ -1284,7 +1306,6 @@ class WorkflowCoordinationEngine:
                         message_id=message_id,
                         at=now,
                     )
-                    await self._save(active)
                 except BaseException:
                     breaker.release()
                     raise
@@ -1336,7 +1357,8 @@ class WorkflowCoordinationEngine:
         active.scope.set_step(step_id, StepStatus.COMPLETED.value, output)
         self._attempt_counter.add(1, {**attributes, "outcome": "completed"})
         self._step_duration.record(duration, attributes)
-        await self._save(active)
+        # Saved by the conductor's next round, with the other outcomes and the dependents'
+        # schedules: one commit, before any dependent is sent.
         await self._flush_breakers()
         return False
 
@@ -1377,8 +1399,10 @@ class WorkflowCoordinationEngine:
                 "outcome": "failed" if due is None else "retry",
             },
         )
-        # The due time is in the log before the wait starts: a crash resumes the wait.
-        await self._save(active)
+        if due is not None:
+            # The due time is in the log before the wait starts: a crash resumes the wait.
+            # (A final failure is saved by the conductor's next round.)
+            await self._save(active)
         await self._flush_breakers()
         return due is not None
 
@@ -1597,12 +1621,21 @@ class WorkflowCoordinationEngine:
             return
         self._closed = True
         self._unsubscribe()
-        tasks = [active.task for active in self._runs.values() if active.task is not None]
+        actives = list(self._runs.values())
+        tasks = [active.task for active in actives if active.task is not None]
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        for active in actives:
+            # What the runs recorded and had not saved yet (attempts started, outcomes not
+            # yet committed by a conductor round): a closing engine keeps it, so a resumed
+            # run knows those attempts were in flight (Interrupted) rather than sending them
+            # again under the same message id.
+            if active.run.pending_events and self._repository is not None:
+                with contextlib.suppress(Exception):
+                    await self._save(active)
         with contextlib.suppress(Exception):
             await self._flush_breakers()
         await self.connector.close()
@@ -1616,6 +1649,12 @@ class WorkflowCoordinationEngine:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _wake(active: _Run) -> None:
+    wake = active.wake
+    if wake is not None and not wake.done():
+        wake.set_result(None)
 
 
 def _retrieved(future: asyncio.Future[Any]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -41,6 +42,7 @@ from collaborative_blocks.core.workflows.engine import (
     slow_step_rules,
     under_load_rule,
 )
+from collaborative_blocks.core.workflows.run import run_aggregate_id
 from collaborative_blocks.errors import (
     UnknownRunError,
     UnknownWorkflowError,
@@ -1153,3 +1155,47 @@ async def test_a_run_whose_definition_is_gone_does_not_stop_resuming_the_others(
     assert await second.resume() == ["r-kept"]
     assert (await drive(clock, second.wait_for("r-kept"))).succeeded
     assert (await second.get_result("r-lost")).status is RunStatus.RUNNING
+
+
+async def test_a_steps_outcome_is_committed_before_any_dependent_is_sent(
+    world: World, clock: VirtualClock
+) -> None:
+    engine = world.engine()
+    committed_when_sent: dict[str, set[str]] = {}
+
+    async def work(message: Message) -> object:
+        payload = message.payload
+        assert isinstance(payload, dict)
+        stream = str(run_aggregate_id("r"))
+        names = {
+            (stored.topic.rsplit(".", 1)[-1], json.loads(stored.state).get("step_id"))
+            for stored in await world.store.read(stream)
+        }
+        committed_when_sent[str(payload["name"])] = {
+            step_id for name, step_id in names if name == "StepCompleted"
+        }
+        await clock.sleep(7.0)  # longer than a commit: its outcome comes while nothing saves
+        return "ok"
+
+    world.handle("system", "action", work)
+    await engine.define_workflow(
+        WorkflowDefinition(
+            "wf",
+            "diamond",
+            steps=[step("a"), step("b", "a"), step("c", "a"), step("d", "b", "c")],
+        )
+    )
+    append_many = world.store.append_many
+
+    async def slow_append_many(*args: Any, **kwargs: Any) -> Any:
+        await clock.sleep(5.0)  # a slow commit: nothing may be sent while it is pending
+        return await append_many(*args, **kwargs)
+
+    world.store.append_many = slow_append_many  # type: ignore[method-assign]
+    result = await drive(clock, engine.execute_workflow("wf", run_id="r"))
+    world.store.append_many = append_many  # type: ignore[method-assign]
+    assert result.succeeded
+    assert committed_when_sent["a"] == set()
+    assert {"a"} <= committed_when_sent["b"]
+    assert {"a"} <= committed_when_sent["c"]
+    assert committed_when_sent["d"] >= {"a", "b", "c"}
