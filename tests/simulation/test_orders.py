@@ -7,7 +7,9 @@ from typing import Any
 
 import pytest
 
-from collaborative_blocks.simulations import run_simulation
+from collaborative_blocks.core.messaging.connector import IDEMPOTENCY_KEY
+from collaborative_blocks.core.messaging.envelope import Message, MessageType
+from collaborative_blocks.simulations import FaultPlan, run_simulation
 from collaborative_blocks.simulations.results import History, OpType
 from collaborative_blocks.simulations.scenarios.orders import (
     CHARGED,
@@ -15,13 +17,21 @@ from collaborative_blocks.simulations.scenarios.orders import (
     RELEASED,
     RESERVED,
     SHIPPED,
+    STOCKED,
     OrdersScenario,
+    OutOfStock,
+    Refused,
+    _reserve,
+    _Target,
     check_dependency_order,
     check_every_run_finishes,
     check_money_conserved,
     check_saga_atomicity,
     check_stock_never_negative,
+    stock_stream,
 )
+from collaborative_blocks.stores.base import EventStore, NewEvent
+from collaborative_blocks.stores.memory import MemoryEventStore
 
 ORDER: Any = {
     "order": "o-0-0",
@@ -175,3 +185,57 @@ def test_stock_money_and_liveness_checkers_fail_when_they_should() -> None:
     assert "completed orders total 10" in found[0].message
     running = _history({"o-0-0": _run("running", {"reserve": "running"})}, {})
     assert [v.invariant for v in check_every_run_finishes(running, {})] == ["every_run_finishes"]
+
+
+# -- the targets decide once per idempotency key ----------------------------------------------
+
+
+class _QuietWorld:
+    """What a target asks of the world: its fault plan never fires here."""
+
+    plan = FaultPlan.parse("none")
+
+    def chance(self, kind: str, probability: float) -> bool:
+        return False
+
+
+class _Node:
+    def __init__(self, store: EventStore) -> None:
+        self.store = store
+        self.state: dict[str, Any] = {}
+
+
+def _command(name: str, key: str, **payload: Any) -> Message:
+    return Message(MessageType.COMMAND, name, payload, headers={IDEMPOTENCY_KEY: key})
+
+
+async def test_a_target_decides_each_key_once_and_a_tombstone_refuses_a_late_request() -> None:
+    store = MemoryEventStore()
+    await store.append(stock_stream("tea"), [NewEvent(STOCKED, b'{"sku":"tea","qty":3}')])
+    target = _Target(_QuietWorld(), _Node(store))  # type: ignore[arg-type]
+    reserve = target.forward(lambda p: stock_stream(p["sku"]), _reserve)
+    release = target.undo(lambda p: stock_stream(p["sku"]), RELEASED, "reservation", "qty")
+    ctx: Any = None
+
+    first = await reserve(_command("reserve", "a:reserve", order="a", sku="tea", qty=2), ctx)
+    again = await reserve(_command("reserve", "a:reserve", order="a", sku="tea", qty=2), ctx)
+    assert first == again == {"order": "a", "reservation": "a:reserve"}
+    with pytest.raises(OutOfStock):  # 1 left: refused, and the refusal is recorded
+        await reserve(_command("reserve", "b:reserve", order="b", sku="tea", qty=2), ctx)
+    await release(
+        _command("release", "a:reserve:compensate", order="a", sku="tea", reservation="a:reserve"),
+        ctx,
+    )
+    with pytest.raises(OutOfStock):  # stock is back, but b's answer stays the same
+        await reserve(_command("reserve", "b:reserve", order="b", sku="tea", qty=2), ctx)
+
+    # c's compensation arrives before c's request (never decided): a tombstone refuses it.
+    await release(
+        _command("release", "c:reserve:compensate", order="c", sku="tea", reservation="c:reserve"),
+        ctx,
+    )
+    with pytest.raises(Refused):
+        await reserve(_command("reserve", "c:reserve", order="c", sku="tea", qty=1), ctx)
+    topics = [e.topic for e in await store.read(stock_stream("tea"))]
+    assert topics.count(RESERVED) == 1
+    assert topics.count(RELEASED) == 1  # a's, once; c undid nothing
