@@ -1102,7 +1102,7 @@ class WorkflowCoordinationEngine:
         # (recorded by their tasks, unsaved), and the skips and schedules decided here. A
         # step's outcome is durable before any of its dependents is sent.
         try:
-            await self._save(active)
+            await self._save_round(active)
         except BaseException:
             self._active_steps -= len(to_start)
             raise
@@ -1578,6 +1578,38 @@ class WorkflowCoordinationEngine:
                 # to see, not an "exception never retrieved" at exit.
                 saving.add_done_callback(_retrieved)
             await asyncio.shield(saving)
+
+    async def _save_round(self, active: _Run) -> None:
+        """The conductor's save: :meth:`_save` without a task and a shield when no other
+        save of the run is in flight (the common case), run in the conductor itself.
+
+        Only the conductor calls it, and only a closing engine cancels the conductor: a
+        commit it interrupts is either in the store or not, the run is resumed from the
+        store, and :meth:`close` saves what is still pending (an append that would repeat a
+        committed event is refused whole by its expected version, not written twice).
+        """
+        run = active.run
+        saving = active.saving
+        if not run.pending_events or (saving is not None and not saving.done()):
+            await self._save(active)
+            return
+        repository = self._repository
+        assert repository is not None
+        # Step tasks saving meanwhile (a retry's due time) wait for this one, then save theirs.
+        future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        active.saving = future
+        try:
+            positions = await repository.save(run)
+        except BaseException as error:
+            if isinstance(error, asyncio.CancelledError):
+                future.cancel()
+            else:
+                future.set_exception(error)
+                future.exception()  # the waiters see it; nobody else must be told
+            raise
+        future.set_result(positions)
+        if run.pending_events:  # recorded while the commit was in flight
+            await self._save(active)
 
     async def _flush_breakers(self) -> None:
         if self.breakers.pending():
