@@ -57,6 +57,7 @@ the body raises, neither the event nor the state change is recorded.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -67,7 +68,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar, cast
 from eventsourcing.domain import CanMutateAggregate, event
 from transitions import EventData, Machine
 
-from collaborative_blocks.core.aggregates import Aggregate
+from collaborative_blocks.core.aggregates import (
+    Aggregate,
+    FastApply,
+    _fast_apply_for,
+    _plain_attributes,
+)
 from collaborative_blocks.errors import (
     CommandArgumentsError,
     GuardRejectedError,
@@ -199,6 +205,9 @@ class Trigger:
     #: How many leading fields may be given positionally.
     positional: int = 0
     names: frozenset[str] = frozenset()
+    #: Applies a recorded event of this trigger from its field dict, when the event class is
+    #: eventsourcing's standard one (see :meth:`StateMachineAggregate._fire`); else None.
+    fast_apply: FastApply | None = None
 
 
 def _trigger(
@@ -217,8 +226,44 @@ def _trigger(
         positional += 1
     fields = tuple((p.name, p.default) for p in parameters)
     return Trigger(
-        name, event_class, signature, fields, positional, frozenset(p.name for p in parameters)
+        name,
+        event_class,
+        signature,
+        fields,
+        positional,
+        frozenset(p.name for p in parameters),
+        _event_fast_apply(event_class, [p.name for p in parameters]),
     )
+
+
+_EVENT_HEAD = ["originator_id", "originator_version", "timestamp", TO_STATE]
+
+
+def _event_fast_apply(
+    event_class: type[CanMutateAggregate[Any]], payload: list[str]
+) -> FastApply | None:
+    """The event class's fast applier, if building its events from a dict is what its
+    dataclass ``__init__`` does: the fields are the standard head then the trigger's
+    arguments, in that order (the stored bytes follow it); its ``__post_init__`` (the
+    originator id check) is called as ``__init__`` would."""
+    candidate: Any = event_class
+    if not dataclasses.is_dataclass(candidate):
+        return None
+    if [f.name for f in dataclasses.fields(candidate)] != [*_EVENT_HEAD, *payload]:
+        return None
+    return _fast_apply_for(event_class)
+
+
+_PLAIN_CLASSES: dict[type, bool] = {}
+
+
+def _plain_class(cls: type, aggregate: Any) -> bool:
+    """Whether ``cls`` keeps eventsourcing's plain ``version``/``modified_on`` properties
+    (so writing ``_version``/``_modified_on`` is setting them); asked once per class."""
+    plain = _PLAIN_CLASSES.get(cls)
+    if plain is None:
+        plain = _PLAIN_CLASSES[cls] = _plain_attributes(aggregate) is not None
+    return plain
 
 
 @dataclass(slots=True)
@@ -574,8 +619,40 @@ class StateMachineAggregate(Aggregate, Generic[S]):
     def _fire(self, trigger: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         payload = self._bind(trigger, args, kwargs)
         to_state = self._select(trigger, payload)
-        event_class = type(self).lifecycle.triggers[trigger].event_class
-        self.trigger_event(event_class, **{TO_STATE: to_state}, **payload)
+        cls = type(self)
+        spec = cls.lifecycle.triggers[trigger]
+        event_class = spec.event_class
+        fast_apply = spec.fast_apply
+        attributes = self.__dict__
+        if (
+            fast_apply is None
+            or getattr(cls, "TOPIC", None)
+            or type(attributes.get("_version")) is not int
+            or not _plain_class(cls, self)
+        ):
+            self.trigger_event(event_class, **{TO_STATE: to_state}, **payload)
+            return
+        # eventsourcing's trigger_event + mutate + apply for a standard event class, without
+        # the keyword plumbing: the same event (fields in the same order), the same checks
+        # (a body that raises records nothing), the same bookkeeping.
+        version = attributes["_version"] + 1
+        timestamp = event_class.create_timestamp()
+        state: dict[str, Any] = {
+            "originator_id": attributes["_id"],
+            "originator_version": version,
+            "timestamp": timestamp,
+            TO_STATE: to_state,
+        }
+        state.update(payload)
+        recorded: Any = object.__new__(event_class)
+        object.__setattr__(recorded, "__dict__", state)
+        post_init = getattr(recorded, "__post_init__", None)
+        if post_init is not None:
+            post_init()
+        fast_apply(self, state)
+        attributes["_version"] = version
+        attributes["_modified_on"] = timestamp
+        attributes["_pending_events"].append(recorded)
 
 
 def _guard_name(condition: Any) -> str:

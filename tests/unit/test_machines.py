@@ -605,3 +605,47 @@ def test_trigger_arguments_bind_exactly_as_the_signature_says(
     assert model.seen == [expected]
     (recorded,) = model.pending_events[1:]
     assert {k: getattr(recorded, k) for k in expected} == expected
+
+
+def test_recorded_events_are_the_ones_eventsourcing_would_record(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import dataclasses
+
+    from collaborative_blocks.core.aggregates import event_clock
+    from collaborative_blocks.core.clock import VirtualClock
+
+    def history(order: Order) -> list[tuple[type, dict[str, object]]]:
+        return [(type(e), dict(vars(e))) for e in order.pending_events]
+
+    def drive() -> Order:
+        with event_clock(VirtualClock(start=100.0)):
+            order = Order(customer="ann")
+            with pytest.raises(GuardRejectedError):
+                order.pay(amount=1)  # no items yet: nothing recorded
+            order.add_item(sku="a")
+            order.pay(amount=12)
+            order.cancel(reason="x")
+        return order
+
+    assert all(t.fast_apply is not None for t in Order.lifecycle.triggers.values())
+    fast = drive()
+    for name, trigger in list(Order.lifecycle.triggers.items()):
+        monkeypatch.setitem(
+            Order.lifecycle.triggers, name, dataclasses.replace(trigger, fast_apply=None)
+        )
+    slow = drive()  # eventsourcing's own trigger_event
+    assert [(cls, list(fields)) for cls, fields in history(fast)] == [
+        (cls, list(fields)) for cls, fields in history(slow)
+    ]
+    for (_, a), (_, b) in zip(history(fast), history(slow), strict=True):
+        a.pop("originator_id")
+        b.pop("originator_id")
+        assert a == b
+    assert (fast.version, fast.modified_on, fast.state, fast.items, fast.paid) == (
+        slow.version,
+        slow.modified_on,
+        slow.state,
+        slow.items,
+        slow.paid,
+    )
