@@ -1106,6 +1106,11 @@ class WorkflowCoordinationEngine:
         except BaseException:
             self._active_steps -= len(to_start)
             raise
+        if len(to_start) == 1 and all(task.done() for task in active.steps.values()):
+            # The run's only step in flight: the conductor would only wait for its task, so
+            # it runs the step itself (no task, no wake-up), then takes the next round.
+            await self._run_step(active, to_start[0])
+            return True
         for step_id in to_start:
             self._start_step(active, step_id)
         if run.failed_steps():
