@@ -605,6 +605,9 @@ class StateMachineAggregate(Aggregate, Generic[S]):
             raise IllegalTransitionError(
                 lifecycle.owner, trigger, current, lifecycle.allowed(self.state)
             )
+        first = candidates[0]
+        if not first.conditions:  # no guards (the common case): no EventData to build
+            return current if first.dest is None else first.dest
         data = EventData(
             machine.get_state(current), machine.events[trigger], machine, self, (), payload
         )

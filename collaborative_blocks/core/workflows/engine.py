@@ -1228,7 +1228,11 @@ class WorkflowCoordinationEngine:
         state = run.steps[step_id]
         attempt = state.attempts + 1
         rules = active.compiled.rules
-        target, route_rule = breaker_route(rules, compiled_step, self._breaker_wait)
+        target, route_rule = (
+            breaker_route(rules, compiled_step, self._breaker_wait)
+            if rules
+            else (compiled_step.step.system_target, None)
+        )
         if route_rule is not None:
             self._record_rule(
                 active,
@@ -1237,9 +1241,11 @@ class WorkflowCoordinationEngine:
                 {"from": compiled_step.step.system_target, "to": target, "attempt": attempt},
             )
         template: JSONValue = dict(compiled_step.step.parameters or {})
-        history = self._durations.get((run.workflow_id, step_id), ())
-        for rule, observed in slow_step_rules(
-            rules, step_id, state.last_attempt_duration, tuple(history)
+        history = self._durations.get((run.workflow_id, step_id), ()) if rules else ()
+        for rule, observed in (
+            slow_step_rules(rules, step_id, state.last_attempt_duration, tuple(history))
+            if rules
+            else ()
         ):
             template = _merge(template, rule.parameters or {})
             self._record_rule(
