@@ -2,7 +2,8 @@
 
 Built-ins: ``transfers`` (EXACTLY_ONCE money transfers between systems), ``pipeline``
 (AT_LEAST_ONCE producer -> stage -> sink), ``replicas`` (the sync engine's replicas converge
-after a partition heals). ``scenario_names()`` lists them with the plugins' ones.
+after a partition heals), ``orders`` (a workflow-engine saga across inventory, payments and
+shipping: all-or-compensated). ``scenario_names()`` lists them with the plugins' ones.
 
 Write your own by subclassing :class:`Scenario` and returning it from the hook:
 
