@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BREAKER_STREAM_PREFIX",
     "TRANSITION_TOPIC",
+    "WAKE_TOLERANCE",
     "BreakerConfig",
     "BreakerMetrics",
     "BreakerRegistry",
@@ -65,6 +66,12 @@ __all__ = [
     "CircuitBreaker",
     "WindowType",
 ]
+
+#: A caller that waits ``retry_after`` and tries again may wake a rounding error early: the
+#: wait is usually scheduled on the wall clock (``now() + retry_after``, where one ulp is
+#: ~2e-7 s), the deadline is on the monotonic clock. Calls that early are let through, or
+#: each such retry would be refused again with a near-zero wait and burn an attempt.
+WAKE_TOLERANCE = 1e-6
 
 T = TypeVar("T")
 
@@ -491,7 +498,8 @@ class CircuitBreaker:
             return 0.0
         now = self._clock.monotonic()
         if self._state is _OPEN:
-            return max(self._open_until - now, 0.0)
+            wait = self._open_until - now
+            return wait if wait > WAKE_TOLERANCE else 0.0
         limit = self.config.max_wait_in_half_open
         if limit > 0 and now - self._half_open_since >= limit:
             return self.config.wait_duration_in_open  # the next call opens it again
@@ -510,7 +518,7 @@ class CircuitBreaker:
         if state is _OPEN:
             # The hot fail-fast path: an attribute check and one clock read, no machine.
             now = self._monotonic()
-            if now < self._open_until:
+            if now + WAKE_TOLERANCE < self._open_until:
                 self._not_permitted += 1
                 raise CircuitOpenError(self.name, self._open_until - now)
             self._fire("half_open", "wait_duration_in_open passed; letting trial calls through")

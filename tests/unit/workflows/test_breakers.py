@@ -19,6 +19,7 @@ from collaborative_blocks.core.settings import load_settings
 from collaborative_blocks.core.workflows.breakers import (
     BREAKER_STREAM_PREFIX,
     TRANSITION_TOPIC,
+    WAKE_TOLERANCE,
     BreakerConfig,
     BreakerRegistry,
     BreakerState,
@@ -723,3 +724,29 @@ def test_a_transition_survives_its_json_form() -> None:
     assert BreakerTransition.from_json(transition.to_json()) == transition
     with pytest.raises(CorruptRecordError):
         BreakerTransition.from_json(b"not json")
+
+
+async def test_a_retry_that_wakes_a_rounding_error_early_is_let_through(
+    clock: VirtualClock,
+) -> None:
+    # A caller schedules its retry on the wall clock (now() + retry_after); at epoch
+    # magnitudes that lands up to an ulp (~2e-7 s) before the monotonic deadline. Refusing it
+    # would answer with a near-zero retry_after and burn the caller's attempts in a loop.
+    breaker, _ = make(clock, minimum_number_of_calls=1, window_size=1, wait_duration_in_open=5)
+    breaker.acquire()
+    breaker.on_error(0.0, "ValueError")
+    assert breaker.state is BreakerState.OPEN
+    await clock.advance(5.0 - WAKE_TOLERANCE / 4)
+    assert breaker.retry_after() == 0.0
+    breaker.acquire()  # a trial call, not a CircuitOpenError
+    assert breaker.state is BreakerState.HALF_OPEN
+
+
+async def test_a_retry_clearly_before_the_deadline_is_still_refused(clock: VirtualClock) -> None:
+    breaker, _ = make(clock, minimum_number_of_calls=1, window_size=1, wait_duration_in_open=5)
+    breaker.acquire()
+    breaker.on_error(0.0, "ValueError")
+    await clock.advance(5.0 - 10 * WAKE_TOLERANCE)
+    assert breaker.retry_after() > WAKE_TOLERANCE
+    with pytest.raises(CircuitOpenError):
+        breaker.acquire()
