@@ -360,6 +360,32 @@ def _state_decoder(mapper: Mapper[Any]) -> Decode:
 EncodeFast = Callable[[Any], "NewEvent | None"]
 
 
+def _no_default(value: object) -> Any:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def _compact_json() -> Callable[[Any], str]:
+    """``json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode`` without
+    building a new C encoder on every call (what ``JSONEncoder.iterencode`` does): the same
+    C encoder with the same arguments, made once. Same output, same errors."""
+    make: Any = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # pragma: no cover - CPython always has it
+        return json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+    markers: dict[int, Any] = {}  # circular-reference check; empty again after each call
+    encoder = make(
+        markers, _no_default, json.encoder.encode_basestring, None, ":", ",", False, False, True
+    )
+
+    def dumps(value: Any) -> str:
+        try:
+            return "".join(encoder(value, 0))
+        except BaseException:
+            markers.clear()  # an error leaves the containers it was in marked
+            raise
+
+    return dumps
+
+
 def _state_encoder(mapper: Mapper[Any]) -> EncodeFast | None:
     """Event to stored bytes, byte for byte as ``mapper.to_stored_event`` encodes it, faster
     where that is safe; None when the mapper is not the default JSON one.
@@ -403,7 +429,7 @@ def _state_encoder(mapper: Mapper[Any]) -> EncodeFast | None:
         ":",
     ):
         return None
-    plain = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+    plain = _compact_json()
     topics: dict[type, str] = {}
 
     def encode(event: Any) -> NewEvent | None:

@@ -772,3 +772,22 @@ async def test_a_mapper_with_a_compressor_is_used_as_it_is() -> None:
     assert again.balance == 5
     stored = await repository.store.read(stream_for(account.id))
     assert not stored[0].state.startswith(b"{")  # compressed: the mapper's path
+
+
+def test_the_compact_json_encoder_matches_the_standard_one_and_recovers_from_errors() -> None:
+    import json
+
+    from collaborative_blocks.core.aggregates import _compact_json
+
+    dumps = _compact_json()
+    standard = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+    values: list[Any] = [{"a": [1, 2.5, None, True], "é": '☃\n"x"'}, [], "s", 1e300, {"n": {}}]
+    for value in values:
+        assert dumps(value) == standard(value)
+    loop: list[Any] = []
+    loop.append(loop)
+    with pytest.raises(ValueError, match="Circular reference"):
+        dumps({"x": loop})
+    with pytest.raises(TypeError, match="Object of type UUID is not JSON serializable"):
+        dumps({"id": [uuid4()]})
+    assert dumps({"x": [1]}) == "{\"x\":[1]}"  # still usable after the failures
