@@ -790,4 +790,4 @@ def test_the_compact_json_encoder_matches_the_standard_one_and_recovers_from_err
         dumps({"x": loop})
     with pytest.raises(TypeError, match="Object of type UUID is not JSON serializable"):
         dumps({"id": [uuid4()]})
-    assert dumps({"x": [1]}) == "{\"x\":[1]}"  # still usable after the failures
+    assert dumps({"x": [1]}) == '{"x":[1]}'  # still usable after the failures
