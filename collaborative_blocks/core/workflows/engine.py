@@ -1216,6 +1216,14 @@ class WorkflowCoordinationEngine:
                 state = run.steps[step_id]
                 if state.status is StepStatus.RETRY_WAIT and state.retry_at is not None:
                     await self._sleep_until(state.retry_at)
+                if run.failure_order:
+                    # A step failed for good: nothing new is sent (the conductor skips this
+                    # step). An attempt's start is saved with the next commit, not before its
+                    # command goes out, so this also keeps a durable failure from ever
+                    # preceding an attempt sent but not yet in the log: after a crash, every
+                    # attempt that may have run is in the log (Interrupted), compensated or
+                    # reconciled, never skipped as if it had not been sent.
+                    return
                 if not await self._attempt(active, compiled_step):
                     return
         finally:
