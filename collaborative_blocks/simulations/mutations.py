@@ -25,96 +25,14 @@ print("caught after", caught.seeds, "seeds by", caught.invariants)
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from typing import Any
 
 from collaborative_blocks.simulations.faults import FaultPlan
 from collaborative_blocks.simulations.results import SimulationResult
 from collaborative_blocks.simulations.runner import run_simulation
-from collaborative_blocks.stores.base import (
-    AppendRequest,
-    CommitWaiter,
-    EventStore,
-    Snapshot,
-    StoredEvent,
-    StoreStats,
-    StreamInfo,
-    Tracking,
-)
+from collaborative_blocks.stores.delegating import DelegatingStore
 
 __all__ = ["Caught", "DelegatingStore", "DelegatingTransport", "seeds_to_catch"]
-
-
-class DelegatingStore(EventStore):
-    """An :class:`EventStore` that forwards every call to ``inner`` (override what breaks)."""
-
-    def __init__(self, inner: EventStore) -> None:
-        self.inner = inner
-        self.url = inner.url
-
-    async def append_many(
-        self, requests: Sequence[AppendRequest], *, tracking: Tracking | None = None
-    ) -> list[list[int]]:
-        return await self.inner.append_many(requests, tracking=tracking)
-
-    async def read(
-        self,
-        stream: str,
-        *,
-        from_version: int = 0,
-        to_version: int | None = None,
-        limit: int | None = None,
-        backwards: bool = False,
-    ) -> list[StoredEvent]:
-        return await self.inner.read(
-            stream,
-            from_version=from_version,
-            to_version=to_version,
-            limit=limit,
-            backwards=backwards,
-        )
-
-    async def read_all(
-        self,
-        *,
-        from_position: int = 1,
-        to_position: int | None = None,
-        limit: int | None = None,
-        topics: Sequence[str] = (),
-    ) -> list[StoredEvent]:
-        return await self.inner.read_all(
-            from_position=from_position, to_position=to_position, limit=limit, topics=topics
-        )
-
-    async def max_position(self) -> int:
-        return await self.inner.max_position()
-
-    async def stream_version(self, stream: str) -> int:
-        return await self.inner.stream_version(stream)
-
-    async def streams(self, *, prefix: str = "", limit: int = 100) -> list[StreamInfo]:
-        return await self.inner.streams(prefix=prefix, limit=limit)
-
-    async def stats(self) -> StoreStats:
-        return await self.inner.stats()
-
-    def _new_events_waiter(self) -> CommitWaiter:
-        return self.inner._new_events_waiter()
-
-    async def consumer_position(self, consumer: str) -> int | None:
-        return await self.inner.consumer_position(consumer)
-
-    async def has_processed(self, consumer: str, message_id: str) -> bool:
-        return await self.inner.has_processed(consumer, message_id)
-
-    async def save_snapshot(self, snapshot: Snapshot) -> None:
-        await self.inner.save_snapshot(snapshot)
-
-    async def latest_snapshot(self, stream: str) -> Snapshot | None:
-        return await self.inner.latest_snapshot(stream)
-
-    async def close(self) -> None:
-        await self.inner.close()
 
 
 class DelegatingTransport:

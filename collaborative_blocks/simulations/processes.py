@@ -35,7 +35,7 @@ import heapq
 import json
 import os
 import signal
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,15 +53,11 @@ from collaborative_blocks.core.messaging.envelope import (
 from collaborative_blocks.core.randomness import Random, new_random
 from collaborative_blocks.core.settings import load_settings
 from collaborative_blocks.simulations.results import History, OpType
-from collaborative_blocks.stores import open_store
+from collaborative_blocks.stores import DelegatingStore, open_store
 from collaborative_blocks.stores.base import (
     AppendRequest,
     EventStore,
     NewEvent,
-    Snapshot,
-    StoredEvent,
-    StoreStats,
-    StreamInfo,
     Tracking,
 )
 
@@ -337,7 +333,7 @@ async def read_pipeline_outcome(store: EventStore) -> tuple[list[int], set[int]]
 # -- a store that dies in the worst window --------------------------------------------------------
 
 
-class CrashAfterCommitStore(EventStore):
+class CrashAfterCommitStore(DelegatingStore):
     """Delegates to ``inner``; right after a commit that holds a handler's effects (an append
     to one of this module's ``chaos-`` streams) it SIGKILLs its own process with probability
     ``probability``: the effect is durable, the message not yet acknowledged. That is the
@@ -346,17 +342,16 @@ class CrashAfterCommitStore(EventStore):
     def __init__(
         self, inner: EventStore, probability: float, rng: Random, calm: Path | None = None
     ) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._probability = probability
         self._rng = rng
         #: Once this file exists, no more crashes (the chaos phase is over: let it drain).
         self._calm = calm
-        self.url = inner.url
 
     async def append_many(
         self, requests: Sequence[AppendRequest], *, tracking: Tracking | None = None
     ) -> list[list[int]]:
-        positions = await self._inner.append_many(requests, tracking=tracking)
+        positions = await self.inner.append_many(requests, tracking=tracking)
         if (
             any(r.stream.startswith("chaos-") for r in requests)
             and self._rng.random() < self._probability
@@ -364,69 +359,6 @@ class CrashAfterCommitStore(EventStore):
         ):
             os.kill(os.getpid(), signal.SIGKILL)
         return positions
-
-    async def read(
-        self,
-        stream: str,
-        *,
-        from_version: int = 0,
-        to_version: int | None = None,
-        limit: int | None = None,
-        backwards: bool = False,
-    ) -> list[StoredEvent]:
-        return await self._inner.read(
-            stream,
-            from_version=from_version,
-            to_version=to_version,
-            limit=limit,
-            backwards=backwards,
-        )
-
-    async def read_all(
-        self,
-        *,
-        from_position: int = 1,
-        to_position: int | None = None,
-        limit: int | None = None,
-        topics: Sequence[str] = (),
-    ) -> list[StoredEvent]:
-        return await self._inner.read_all(
-            from_position=from_position, to_position=to_position, limit=limit, topics=topics
-        )
-
-    async def max_position(self) -> int:
-        return await self._inner.max_position()
-
-    async def stream_version(self, stream: str) -> int:
-        return await self._inner.stream_version(stream)
-
-    async def streams(self, *, prefix: str = "", limit: int = 100) -> list[StreamInfo]:
-        return await self._inner.streams(prefix=prefix, limit=limit)
-
-    async def stats(self) -> StoreStats:
-        return await self._inner.stats()
-
-    def subscribe(
-        self, *, from_position: int = 1, topics: Sequence[str] = (), batch_size: int = 500
-    ) -> AsyncIterator[StoredEvent]:
-        return self._inner.subscribe(
-            from_position=from_position, topics=topics, batch_size=batch_size
-        )
-
-    async def consumer_position(self, consumer: str) -> int | None:
-        return await self._inner.consumer_position(consumer)
-
-    async def has_processed(self, consumer: str, message_id: str) -> bool:
-        return await self._inner.has_processed(consumer, message_id)
-
-    async def save_snapshot(self, snapshot: Snapshot) -> None:
-        await self._inner.save_snapshot(snapshot)
-
-    async def latest_snapshot(self, stream: str) -> Snapshot | None:
-        return await self._inner.latest_snapshot(stream)
-
-    async def close(self) -> None:
-        await self._inner.close()
 
 
 # -- the workers -----------------------------------------------------------------------------------

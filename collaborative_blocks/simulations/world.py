@@ -47,14 +47,10 @@ from collaborative_blocks.simulations.loop import CURRENT_NODE, SimClock, Simula
 from collaborative_blocks.simulations.results import History, Operation, OpType
 from collaborative_blocks.stores.base import (
     AppendRequest,
-    CommitWaiter,
     EventStore,
-    Snapshot,
-    StoredEvent,
-    StoreStats,
-    StreamInfo,
     Tracking,
 )
+from collaborative_blocks.stores.delegating import DelegatingStore
 from collaborative_blocks.stores.memory import MemoryEventStore
 
 if TYPE_CHECKING:
@@ -627,7 +623,7 @@ class _FaultySubscription:
         await self._inner.close()
 
 
-class FaultyStore(EventStore):
+class FaultyStore(DelegatingStore):
     """A node's view of the durable store: write failures and slow writes from the plan.
 
     Reads always work; a failed write changes nothing (it fails before the store is touched),
@@ -635,10 +631,9 @@ class FaultyStore(EventStore):
     """
 
     def __init__(self, world: World, node: Node) -> None:
+        super().__init__(world.durable)
         self._world = world
         self._node = node
-        self._inner = world.durable
-        self.url = self._inner.url
 
     async def append_many(
         self, requests: Sequence[AppendRequest], *, tracking: Tracking | None = None
@@ -653,63 +648,7 @@ class FaultyStore(EventStore):
             probability, seconds = plan.slow_write
             if world.chance("slow_write", probability):
                 await self._node.clock.sleep(world.rng("slow_write_time").uniform(0.0, seconds))
-        return await self._inner.append_many(requests, tracking=tracking)
-
-    async def read(
-        self,
-        stream: str,
-        *,
-        from_version: int = 0,
-        to_version: int | None = None,
-        limit: int | None = None,
-        backwards: bool = False,
-    ) -> list[StoredEvent]:
-        return await self._inner.read(
-            stream,
-            from_version=from_version,
-            to_version=to_version,
-            limit=limit,
-            backwards=backwards,
-        )
-
-    async def read_all(
-        self,
-        *,
-        from_position: int = 1,
-        to_position: int | None = None,
-        limit: int | None = None,
-        topics: Sequence[str] = (),
-    ) -> list[StoredEvent]:
-        return await self._inner.read_all(
-            from_position=from_position, to_position=to_position, limit=limit, topics=topics
-        )
-
-    async def max_position(self) -> int:
-        return await self._inner.max_position()
-
-    async def stream_version(self, stream: str) -> int:
-        return await self._inner.stream_version(stream)
-
-    async def streams(self, *, prefix: str = "", limit: int = 100) -> list[StreamInfo]:
-        return await self._inner.streams(prefix=prefix, limit=limit)
-
-    async def stats(self) -> StoreStats:
-        return await self._inner.stats()
-
-    def _new_events_waiter(self) -> CommitWaiter:
-        return self._inner._new_events_waiter()
-
-    async def consumer_position(self, consumer: str) -> int | None:
-        return await self._inner.consumer_position(consumer)
-
-    async def has_processed(self, consumer: str, message_id: str) -> bool:
-        return await self._inner.has_processed(consumer, message_id)
-
-    async def save_snapshot(self, snapshot: Snapshot) -> None:
-        await self._inner.save_snapshot(snapshot)
-
-    async def latest_snapshot(self, stream: str) -> Snapshot | None:
-        return await self._inner.latest_snapshot(stream)
+        return await self.inner.append_many(requests, tracking=tracking)
 
     async def close(self) -> None:
         # The disk outlives the node.

@@ -26,6 +26,7 @@ from collaborative_blocks.stores.base import (
     StreamInfo,
     Tracking,
 )
+from collaborative_blocks.stores.delegating import DelegatingStore
 
 if TYPE_CHECKING:
     import pluggy
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AppendRequest",
+    "DelegatingStore",
     "EventStore",
     "NewEvent",
     "Snapshot",
