@@ -61,7 +61,8 @@ def test_validate_names_the_step_of_a_bad_definition(tmp_path: Path) -> None:
     )
     result = runner.invoke(app, ["workflow", "validate", str(bad)])
     assert result.exit_code == 2
-    assert "'b'" in result.stderr and "nope" in result.stderr
+    assert "'b'" in result.stderr
+    assert "nope" in result.stderr
 
 
 def test_run_completes_and_show_reads_the_history_back(store: str) -> None:
