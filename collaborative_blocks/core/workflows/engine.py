@@ -52,16 +52,17 @@ import logging
 import random
 import statistics
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from eventsourcing.persistence import StoredEvent as MapperStoredEvent
 from opentelemetry import metrics, trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
-from collaborative_blocks.core.aggregates import Repository, event_clock
+from collaborative_blocks.core.aggregates import Repository, event_clock, stream_for
 from collaborative_blocks.core.clock import Clock
 from collaborative_blocks.core.messaging.broker import MessageBroker
 from collaborative_blocks.core.messaging.connector import IDEMPOTENCY_KEY, SystemConnector
@@ -97,6 +98,7 @@ from collaborative_blocks.errors import (
     ConditionError,
     QueryTimeoutError,
     RemoteHandlerError,
+    StoreUnavailableError,
     UnknownRunError,
     UnknownWorkflowError,
     WorkflowError,
@@ -108,6 +110,7 @@ __all__ = [
     "INTERRUPTED",
     "RUN_FINISHED_TOPIC",
     "RUN_REGISTERED_TOPIC",
+    "STORE_RETRY_ATTEMPTS",
     "AppliedRule",
     "CompensationResult",
     "RunEvent",
@@ -132,6 +135,14 @@ _ENGINE_ERRORS = frozenset({INTERRUPTED, "CircuitOpenError"})
 _propagator = TraceContextTextMapPropagator()
 # How many durations per (workflow, step) feed STEP_SLOWER_THAN's median of previous runs.
 _DURATIONS_KEPT = 5
+#: A store write that fails with StoreUnavailableError (a transient outage) is tried this many
+#: times in all, waiting STORE_RETRY_BASE * 2**(n-1) seconds (at most STORE_RETRY_CAP, with
+#: jitter between half and all of it) of the engine's clock after the n-th failure: about a
+#: minute of waits in all. Only then does the run's driver stop (the run stays resumable).
+STORE_RETRY_ATTEMPTS = 13
+STORE_RETRY_BASE = 0.1
+STORE_RETRY_CAP = 10.0
+_T = TypeVar("_T")
 
 
 def definition_stream(workflow_id: str) -> str:
@@ -1590,9 +1601,7 @@ class WorkflowCoordinationEngine:
         while run.pending_events:
             saving = active.saving
             if saving is None or saving.done():
-                repository = self._repository
-                assert repository is not None
-                saving = active.saving = asyncio.ensure_future(repository.save(run))
+                saving = active.saving = asyncio.ensure_future(self._commit(run))
                 # Its waiters may all be cancelled (a closing engine): the error is theirs
                 # to see, not an "exception never retrieved" at exit.
                 saving.add_done_callback(_retrieved)
@@ -1612,13 +1621,11 @@ class WorkflowCoordinationEngine:
         if not run.pending_events or (saving is not None and not saving.done()):
             await self._save(active)
             return
-        repository = self._repository
-        assert repository is not None
         # Step tasks saving meanwhile (a retry's due time) wait for this one, then save theirs.
         future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
         active.saving = future
         try:
-            positions = await repository.save(run)
+            positions = await self._commit(run)
         except BaseException as error:
             if isinstance(error, asyncio.CancelledError):
                 future.cancel()
@@ -1630,27 +1637,114 @@ class WorkflowCoordinationEngine:
         if run.pending_events:  # recorded while the commit was in flight
             await self._save(active)
 
+    async def _commit(self, run: WorkflowRun) -> list[int]:
+        """Save the run's pending events; a transient store failure is retried.
+
+        A :class:`~collaborative_blocks.errors.StoreUnavailableError` (the database blinked)
+        is retried with backoff on the engine's clock (see :data:`STORE_RETRY_ATTEMPTS`),
+        so a run's driver survives an outage of up to about a minute; after that the error
+        ends the driver and the run stays resumable from the log. A failed save leaves the
+        events pending in the aggregate (the repository drops them only once stored), so the
+        retry appends each of them once, with whatever the run recorded meanwhile. A store
+        whose commit succeeded although the call failed (a connection lost after the commit)
+        is recognised by the stream's expected version: the retry is refused whole with a
+        ConcurrencyError, and :meth:`_already_committed` drops the events that are in the log.
+        """
+        repository = self._repository
+        assert repository is not None
+        try:
+            return await repository.save(run)
+        except StoreUnavailableError as error:
+            failure: StoreUnavailableError = error
+
+        async def again() -> list[int]:
+            try:
+                return await repository.save(run)
+            except ConcurrencyError:
+                if await self._already_committed(repository, run):
+                    return await repository.save(run) if run.pending_events else []
+                raise
+
+        return await self._store_retries(again, f"saving workflow run {run.run_id!r}", failure)
+
+    async def _store_retries(
+        self,
+        operation: Callable[[], Awaitable[_T]],
+        what: str,
+        failure: StoreUnavailableError,
+    ) -> _T:
+        """Run ``operation`` again after it failed with ``failure``, with backoff, until it
+        succeeds or :data:`STORE_RETRY_ATTEMPTS` attempts in all failed (then the last error
+        is raised)."""
+        _log.warning("%s failed, retrying: %s", what, failure)
+        await self.clock.sleep(self._store_backoff(1))
+        retrying = AsyncRetrying(
+            sleep=self.clock.sleep,
+            stop=stop_after_attempt(STORE_RETRY_ATTEMPTS - 1),
+            wait=lambda state: self._store_backoff(state.attempt_number + 1),
+            retry=retry_if_exception_type(StoreUnavailableError),
+            before_sleep=lambda state: _log.warning(
+                "%s failed again (attempt %d), retrying: %s",
+                what,
+                state.attempt_number + 1,
+                _outcome_error(state),
+            ),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                return await operation()
+        raise AssertionError("unreachable: tenacity reraises the last error")  # pragma: no cover
+
+    def _store_backoff(self, failures: int) -> float:
+        """Seconds to wait after the ``failures``-th failed store write (jittered by the
+        engine's random source: runs that failed together do not retry together)."""
+        delay = min(STORE_RETRY_CAP, STORE_RETRY_BASE * 2.0 ** (failures - 1))
+        return delay * (0.5 + 0.5 * self.rng.random())
+
+    async def _already_committed(self, repository: Repository, run: WorkflowRun) -> bool:
+        """After a save failed with StoreUnavailableError, its retry was refused by the
+        stream's expected version: drop the pending events the failed save did commit (the
+        log holds them, byte for byte) and return True; False if the stream moved for another
+        reason (another writer: a real conflict)."""
+        pending = run.pending_events
+        if not pending:
+            return False
+        stream = stream_for(run.id)
+        first = pending[0].originator_version
+        stored = await repository.store.read(
+            stream, from_version=first, to_version=pending[-1].originator_version
+        )
+        if not stored or len(stored) > len(pending):
+            return False
+        for event, record in zip(pending, stored, strict=False):
+            encoded = repository._encode(stream, event)
+            if record.topic != encoded.topic or record.state != encoded.state:
+                return False
+        del pending[: len(stored)]
+        return True
+
     async def _flush_breakers(self) -> None:
         if self.breakers.pending():
             await self.breakers.flush()
 
     async def _index_finished(self, run: WorkflowRun) -> None:
         store = await self.store()
-        await store.append(
-            index_stream(self.engine_id),
-            [
-                NewEvent(
-                    RUN_FINISHED_TOPIC,
-                    _json(
-                        {
-                            "run_id": run.run_id,
-                            "workflow_id": run.workflow_id,
-                            "status": run.state.value,
-                        }
-                    ),
-                )
-            ],
+        entry = NewEvent(
+            RUN_FINISHED_TOPIC,
+            _json(
+                {"run_id": run.run_id, "workflow_id": run.workflow_id, "status": run.state.value}
+            ),
         )
+
+        async def append() -> list[int]:
+            return await store.append(index_stream(self.engine_id), [entry])
+
+        try:
+            await append()
+        except StoreUnavailableError as failure:
+            # (A finish entry written twice is harmless: resume reads the last one.)
+            await self._store_retries(append, f"indexing run {run.run_id!r} as finished", failure)
 
     def _remember_durations(self, active: _Run) -> None:
         run = active.run
@@ -1706,6 +1800,11 @@ def _wake(active: _Run) -> None:
     wake = active.wake
     if wake is not None and not wake.done():
         wake.set_result(None)
+
+
+def _outcome_error(state: RetryCallState) -> BaseException | None:
+    outcome = state.outcome
+    return None if outcome is None else outcome.exception()
 
 
 def _retrieved(future: asyncio.Future[Any]) -> None:

@@ -37,6 +37,7 @@ from collaborative_blocks.core.workflows import (
 )
 from collaborative_blocks.core.workflows.breakers import BreakerState
 from collaborative_blocks.core.workflows.engine import (
+    STORE_RETRY_ATTEMPTS,
     breaker_route,
     retry_due,
     slow_step_rules,
@@ -44,6 +45,7 @@ from collaborative_blocks.core.workflows.engine import (
 )
 from collaborative_blocks.core.workflows.run import run_aggregate_id
 from collaborative_blocks.errors import (
+    StoreUnavailableError,
     UnknownRunError,
     UnknownWorkflowError,
     WorkflowDefinitionError,
@@ -1199,3 +1201,100 @@ async def test_a_steps_outcome_is_committed_before_any_dependent_is_sent(
     assert {"a"} <= committed_when_sent["b"]
     assert {"a"} <= committed_when_sent["c"]
     assert committed_when_sent["d"] >= {"a", "b", "c"}
+
+
+# -- store outages ---------------------------------------------------------------------------------
+
+
+class FlakyWrites:
+    """Makes the world's store fail writes to run streams (StoreUnavailableError, as a
+    PostgreSQL blip does): the next ``fail`` of them, or all while ``down``. With
+    ``commit_then_fail`` a failing write is committed first (the connection was lost after
+    the commit: the caller cannot tell it went through)."""
+
+    def __init__(self, world: World, *, commit_then_fail: bool = False) -> None:
+        self.inner = world.store.append_many
+        self.fail = 0
+        self.down = False
+        self.failures = 0
+        self.commit_then_fail = commit_then_fail
+        world.store.append_many = self.append_many  # type: ignore[method-assign]
+
+    async def append_many(self, requests: Any, *, tracking: Any = None) -> Any:
+        run_write = any(not r.stream.startswith("workflow-") for r in requests)
+        if run_write and (self.down or self.fail > 0):
+            self.fail -= 1
+            self.failures += 1
+            if self.commit_then_fail:
+                await self.inner(requests, tracking=tracking)
+            raise StoreUnavailableError("lost the connection to the store (test)")
+        return await self.inner(requests, tracking=tracking)
+
+
+async def three_steps(world: World, engine: WorkflowCoordinationEngine) -> None:
+    async def work(message: Message) -> object:
+        await world.clock.sleep(1.0)
+        return "ok"
+
+    world.handle("system", "action", work)
+    await engine.define_workflow(
+        WorkflowDefinition(
+            "wf",
+            "chain",
+            steps=[step("a"), step("b", "a"), step("c", "a", retry_policy={"max_retries": 0})],
+        )
+    )
+
+
+async def assert_each_event_once(world: World, run_id: str) -> list[str]:
+    stored = await world.store.read(str(run_aggregate_id(run_id)))
+    assert [event.version for event in stored] == list(range(1, len(stored) + 1))
+    names = [event.topic.rsplit(".", 1)[-1] for event in stored]
+    for step_id in "abc":
+        completed = [
+            e
+            for e in stored
+            if e.topic.endswith("StepCompleted") and json.loads(e.state)["step_id"] == step_id
+        ]
+        assert len(completed) == 1, (step_id, names)
+    return names
+
+
+@pytest.mark.parametrize("commit_then_fail", [False, True])
+async def test_a_save_failing_for_a_moment_is_retried_on_the_clock_and_the_run_completes(
+    world: World, clock: VirtualClock, commit_then_fail: bool
+) -> None:
+    engine = world.engine()
+    await three_steps(world, engine)
+    flaky = FlakyWrites(world, commit_then_fail=commit_then_fail)
+    await engine.start_workflow("wf", run_id="r")
+    flaky.fail = 3  # the next three commits of the run fail
+    before = clock.monotonic()
+    result = await drive(clock, engine.wait_for("r"))
+    assert result.succeeded, result.error
+    assert flaky.failures == 3
+    assert clock.monotonic() - before >= 2.0  # the steps' time, plus the backoff waits
+    names = await assert_each_event_once(world, "r")
+    assert names[-1] == "Completed"
+    # The run's index says it finished: nothing is left to resume.
+    assert await world.engine(engine_id="workflows").resume() == []
+
+
+async def test_a_store_down_for_good_ends_the_driver_and_resume_finishes_the_run(
+    world: World, clock: VirtualClock
+) -> None:
+    engine = world.engine()
+    await three_steps(world, engine)
+    flaky = FlakyWrites(world)
+    await engine.start_workflow("wf", run_id="r")
+    flaky.down = True
+    waited = asyncio.ensure_future(engine.wait_for("r"))
+    with pytest.raises(StoreUnavailableError):
+        await drive(clock, waited)
+    assert flaky.failures == STORE_RETRY_ATTEMPTS  # then it gave up
+    assert (await engine.get_result("r")).status is RunStatus.RUNNING
+    flaky.down = False
+    assert await engine.resume() == ["r"]
+    result = await drive(clock, engine.wait_for("r"))
+    assert result.succeeded, result.error
+    await assert_each_event_once(world, "r")
