@@ -27,6 +27,10 @@ any point leaves a log from which :meth:`WorkflowCoordinationEngine.resume` cont
   engine starts waiting);
 - an interrupted compensation is retried, then the remaining ones run.
 
+A save that fails with ``StoreUnavailableError`` (a transient outage) is retried with backoff
+on the engine's clock for about a minute (:data:`STORE_RETRY_ATTEMPTS`) while the run goes
+on; only a store still failing after that ends the run's driver (the run stays resumable).
+
 Steps call their targets through the broker with
 :meth:`~collaborative_blocks.core.messaging.connector.SystemConnector.request`: the step's
 ``action`` is a command to ``system_target`` whose handler's return value is the step's
@@ -1655,6 +1659,8 @@ class WorkflowCoordinationEngine:
         try:
             return await repository.save(run)
         except StoreUnavailableError as error:
+            if self._closed:
+                raise  # a closing engine saves what it can once, it does not wait a minute
             failure: StoreUnavailableError = error
 
         async def again() -> list[int]:

@@ -1298,3 +1298,24 @@ async def test_a_store_down_for_good_ends_the_driver_and_resume_finishes_the_run
     result = await drive(clock, engine.wait_for("r"))
     assert result.succeeded, result.error
     await assert_each_event_once(world, "r")
+
+
+async def test_closing_during_an_outage_does_not_wait_for_the_store(
+    world: World, clock: VirtualClock
+) -> None:
+    engine = world.engine()
+    await three_steps(world, engine)
+    flaky = FlakyWrites(world)
+    await engine.start_workflow("wf", run_id="r")
+    flaky.down = True
+    await until(clock, lambda: flaky.failures >= 2)  # the driver is in its backoff
+    closing = asyncio.ensure_future(engine.close())
+    for _ in range(100):  # no virtual time passes: a retry's wait would never end
+        await asyncio.sleep(0)
+    assert closing.done()
+    flaky.down = False
+    second = world.engine()
+    assert await second.resume() == ["r"]
+    result = await drive(clock, second.wait_for("r"))
+    assert result.succeeded, result.error
+    await assert_each_event_once(world, "r")
