@@ -50,14 +50,10 @@ from collaborative_blocks.core.workflows import (
 from collaborative_blocks.errors import UnknownRunError
 from collaborative_blocks.stores.base import (
     AppendRequest,
-    CommitWaiter,
     EventStore,
-    Snapshot,
-    StoredEvent,
-    StoreStats,
-    StreamInfo,
     Tracking,
 )
+from collaborative_blocks.stores.delegating import DelegatingStore
 from collaborative_blocks.stores.memory import MemoryEventStore
 
 RUN_ID = "run"
@@ -104,12 +100,12 @@ def scripts(draw: st.DrawFn) -> list[StepScript]:
     return steps
 
 
-class CrashingStore(EventStore):
+class CrashingStore(DelegatingStore):
     """The store as a process sees it: once ``crash_at`` events are in the log (counting
     from when it is armed), every append fails and changes nothing."""
 
     def __init__(self, inner: EventStore) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self.crash_at: int | None = None
         self.appended = 0
         self.crashed = False
@@ -121,65 +117,9 @@ class CrashingStore(EventStore):
         if self.crashed or (self.crash_at is not None and self.appended + count > self.crash_at):
             self.crashed = True
             raise Crashed("the process died")
-        result = await self._inner.append_many(requests, tracking=tracking)
+        result = await self.inner.append_many(requests, tracking=tracking)
         self.appended += count
         return result
-
-    async def read(
-        self,
-        stream: str,
-        *,
-        from_version: int = 0,
-        to_version: int | None = None,
-        limit: int | None = None,
-        backwards: bool = False,
-    ) -> list[StoredEvent]:
-        return await self._inner.read(
-            stream,
-            from_version=from_version,
-            to_version=to_version,
-            limit=limit,
-            backwards=backwards,
-        )
-
-    async def read_all(
-        self,
-        *,
-        from_position: int = 1,
-        to_position: int | None = None,
-        limit: int | None = None,
-        topics: Sequence[str] = (),
-    ) -> list[StoredEvent]:
-        return await self._inner.read_all(
-            from_position=from_position, to_position=to_position, limit=limit, topics=topics
-        )
-
-    async def max_position(self) -> int:
-        return await self._inner.max_position()
-
-    async def stream_version(self, stream: str) -> int:
-        return await self._inner.stream_version(stream)
-
-    async def streams(self, *, prefix: str = "", limit: int = 100) -> list[StreamInfo]:
-        return await self._inner.streams(prefix=prefix, limit=limit)
-
-    async def stats(self) -> StoreStats:
-        return await self._inner.stats()
-
-    def _new_events_waiter(self) -> CommitWaiter:
-        return self._inner._new_events_waiter()
-
-    async def consumer_position(self, consumer: str) -> int | None:
-        return await self._inner.consumer_position(consumer)
-
-    async def has_processed(self, consumer: str, message_id: str) -> bool:
-        return await self._inner.has_processed(consumer, message_id)
-
-    async def save_snapshot(self, snapshot: Snapshot) -> None:
-        await self._inner.save_snapshot(snapshot)
-
-    async def latest_snapshot(self, stream: str) -> Snapshot | None:
-        return await self._inner.latest_snapshot(stream)
 
     async def close(self) -> None:
         return None
