@@ -27,6 +27,13 @@ from collaborative_blocks.cli._common import console, err_console, fail, print_j
 
 app = typer.Typer(help="Benchmarks: ours vs baselines, measured interleaved in one run.")
 
+# The options every ``cblocks bench`` sub-command takes.
+JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+MarkdownOption = Annotated[
+    bool, typer.Option("--markdown", help="Print the table as Markdown (for the docs).")
+]
+QuickOption = Annotated[bool, typer.Option("--quick", help="Tiny sizes, one round (tests).")]
+
 
 def _rate(value: float | None) -> str:
     if value is None:
@@ -189,11 +196,9 @@ def _run_and_report(
 
 @app.command("store")
 def store_command(
-    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
-    markdown: Annotated[
-        bool, typer.Option("--markdown", help="Print the table as Markdown (for the docs).")
-    ] = False,
-    quick: Annotated[bool, typer.Option("--quick", help="Tiny sizes, one round (tests).")] = False,
+    as_json: JsonOption = False,
+    markdown: MarkdownOption = False,
+    quick: QuickOption = False,
     postgres: Annotated[
         str | None,
         typer.Option(
@@ -247,11 +252,9 @@ def store_command(
 
 @app.command("broker")
 def broker_command(
-    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
-    markdown: Annotated[
-        bool, typer.Option("--markdown", help="Print the table as Markdown (for the docs).")
-    ] = False,
-    quick: Annotated[bool, typer.Option("--quick", help="Tiny sizes, one round (tests).")] = False,
+    as_json: JsonOption = False,
+    markdown: MarkdownOption = False,
+    quick: QuickOption = False,
     redis: Annotated[
         str,
         typer.Option(
@@ -308,11 +311,9 @@ def broker_command(
 
 @app.command("sync")
 def sync_command(
-    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
-    markdown: Annotated[
-        bool, typer.Option("--markdown", help="Print the table as Markdown (for the docs).")
-    ] = False,
-    quick: Annotated[bool, typer.Option("--quick", help="Tiny sizes, one round (tests).")] = False,
+    as_json: JsonOption = False,
+    markdown: MarkdownOption = False,
+    quick: QuickOption = False,
     rounds: Annotated[
         int | None,
         typer.Option(min=1, help="Rounds per case (default 3; 1 with --quick)."),
@@ -343,11 +344,9 @@ def sync_command(
 
 @app.command("workflow")
 def workflow_command(
-    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
-    markdown: Annotated[
-        bool, typer.Option("--markdown", help="Print the table as Markdown (for the docs).")
-    ] = False,
-    quick: Annotated[bool, typer.Option("--quick", help="Tiny sizes, one round (tests).")] = False,
+    as_json: JsonOption = False,
+    markdown: MarkdownOption = False,
+    quick: QuickOption = False,
     rounds: Annotated[
         int | None,
         typer.Option(min=1, help="Interleaved rounds per case (default 5; 1 with --quick)."),
@@ -386,10 +385,8 @@ def workflow_command(
 
 @app.command("chaos")
 def chaos_command(
-    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
-    markdown: Annotated[
-        bool, typer.Option("--markdown", help="Print the table as Markdown (for the docs).")
-    ] = False,
+    as_json: JsonOption = False,
+    markdown: MarkdownOption = False,
     quick: Annotated[
         bool, typer.Option("--quick", help="Two seeds per scenario, one round (tests).")
     ] = False,
