@@ -27,6 +27,11 @@ any point leaves a log from which :meth:`WorkflowCoordinationEngine.resume` cont
   engine starts waiting);
 - an interrupted compensation is retried, then the remaining ones run.
 
+Sagas: when a step fails for good, the run compensates the completed steps (reverse order of
+completion) and, first, the steps of unknown outcome that name a compensation action: not
+completed, with an attempt that timed out or was interrupted (they may have had an effect;
+targets treat a compensation of something never applied as a no-op, by its idempotency key).
+
 A save that fails with ``StoreUnavailableError`` (a transient outage) is retried with backoff
 on the engine's clock for about a minute (:data:`STORE_RETRY_ATTEMPTS`) while the run goes
 on; only a store still failing after that ends the run's driver (the run stays resumable).
@@ -89,6 +94,8 @@ from collaborative_blocks.core.workflows.definitions import (
     WorkflowDefinition,
 )
 from collaborative_blocks.core.workflows.run import (
+    COMPLETED,
+    OUTCOME_UNKNOWN,
     RunStatus,
     StepState,
     StepStatus,
@@ -164,14 +171,17 @@ def index_stream(engine_id: str) -> str:
 
 @dataclass(frozen=True)
 class CompensationResult:
-    """How a completed step was undone: ``status`` COMPENSATED or COMPENSATION_FAILED (or
+    """How a step was undone: ``status`` COMPENSATED or COMPENSATION_FAILED (or
     COMPENSATING if the run has not finished it). ``action`` None means the step names no
-    compensation: there was nothing to compensate."""
+    compensation: there was nothing to compensate. ``reason``: ``"completed"`` (the step
+    completed) or ``"outcome unknown"`` (it did not complete, but an attempt timed out or was
+    interrupted, so it may have had an effect: the step keeps its FAILED or SKIPPED status)."""
 
     status: StepStatus
     action: str | None
     attempts: int
     error: str | None
+    reason: str = COMPLETED
 
     def to_dict(self) -> dict[str, JSONValue]:
         return {
@@ -179,6 +189,7 @@ class CompensationResult:
             "action": self.action,
             "attempts": self.attempts,
             "error": self.error,
+            "reason": self.reason,
         }
 
 
@@ -240,8 +251,9 @@ class AppliedRule:
 class WorkflowResult:
     """What a run did: its status, each step's result, what was skipped and compensated.
 
-    ``compensated`` lists the steps undone, in the order they were compensated (the reverse
-    of their completion). ``output`` maps every completed step to its output. ``trace_id``
+    ``compensated`` lists the steps undone, in the order they were compensated: steps whose
+    outcome was unknown first, then completed steps in the reverse of their completion.
+    ``output`` maps every completed step to its output. ``trace_id``
     is the run's OpenTelemetry trace (None when tracing is off).
     """
 
@@ -298,7 +310,10 @@ class WorkflowResult:
             steps=steps,
             skipped=tuple(s for s in run.step_ids if run.steps[s].status is StepStatus.SKIPPED),
             compensated=tuple(
-                s for s in run.compensation_order if run.steps[s].status is StepStatus.COMPENSATED
+                s
+                for s in run.compensation_order
+                if (compensation := run.steps[s].compensation) is not None
+                and compensation.status is StepStatus.COMPENSATED
             ),
             applied_rules=tuple(
                 AppliedRule(r["rule_id"], r["step_id"], r["detail"], r["at"])
@@ -336,6 +351,7 @@ def _step_result(step: StepState) -> StepResult:
             error=None
             if compensation.error_type is None
             else f"{compensation.error_type}: {compensation.error}",
+            reason=compensation.reason,
         ),
     )
 
@@ -495,6 +511,8 @@ class _Run:
     scope: WorkflowScope
     dependencies: dict[str, tuple[str, ...]]
     done: asyncio.Future[WorkflowResult]
+    # Steps naming a compensation action (those compensated when their outcome is unknown).
+    compensable: frozenset[str] = frozenset()
     saving: asyncio.Future[list[int]] | None = None
     steps: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     # Set when one of the run's step tasks ends: the conductor waits on it.
@@ -1015,6 +1033,9 @@ class WorkflowCoordinationEngine:
             scope=scope,
             dependencies={s: tuple(compiled.steps[s].step.dependencies) for s in compiled.order},
             done=asyncio.get_running_loop().create_future(),
+            compensable=frozenset(
+                s for s in compiled.order if compiled.steps[s].step.compensation is not None
+            ),
             parent=parent,
             traced=self._tracing(),
         )
@@ -1065,7 +1086,7 @@ class WorkflowCoordinationEngine:
                 if not await self._advance(active):
                     return
             elif state is RunStatus.COMPENSATING:
-                step_id = run.next_to_compensate()
+                step_id = run.next_to_compensate(active.compensable)
                 if step_id is None:
                     now = self.clock.now()
                     if run.compensation_outcome() is RunStatus.COMPENSATED:
@@ -1092,7 +1113,7 @@ class WorkflowCoordinationEngine:
             now = self.clock.now()
             step = run.steps[failed[0]]
             error = f"step {failed[0]!r} failed: {step.error_type}: {step.error}"
-            if run.completion_order:
+            if run.needs_compensation(active.compensable):
                 run.begin_compensation(failed_step=failed[0], error=error, at=now)
             else:
                 run.fail(failed_step=failed[0], error=error, at=now)
@@ -1443,12 +1464,18 @@ class WorkflowCoordinationEngine:
     # -- compensation ------------------------------------------------------------------------
 
     async def _compensate(self, active: _Run, step_id: str) -> None:
-        """Undo one completed step: send its compensation action to the target it ran on,
-        retrying by the step's policy; record the outcome either way."""
+        """Undo one step (completed, or of unknown outcome): send its compensation action to
+        the target its last attempt went to, retrying by the step's policy; record the
+        outcome either way."""
         run = active.run
         compiled_step = active.compiled.steps[step_id]
         step = run.steps[step_id]
         action = compiled_step.step.compensation
+        reason = (
+            COMPLETED
+            if step.status in (StepStatus.COMPLETED, StepStatus.COMPENSATING)
+            else OUTCOME_UNKNOWN
+        )
         attributes = {"workflow": run.workflow_id, "step": step_id}
         if action is None:
             run.skip_compensation(step_id=step_id, at=self.clock.now())
@@ -1465,7 +1492,12 @@ class WorkflowCoordinationEngine:
             now = self.clock.now()
             message_id = f"{run.run_id}:{step_id}:compensate:{attempt}"
             run.start_compensation(
-                step_id=step_id, attempt=attempt, action=action, message_id=message_id, at=now
+                step_id=step_id,
+                attempt=attempt,
+                action=action,
+                message_id=message_id,
+                at=now,
+                reason=reason,
             )
             await self._save(active)
             error_type: str | None = None
@@ -1511,7 +1543,7 @@ class WorkflowCoordinationEngine:
             now = self.clock.now()
             if error_type is None:
                 run.complete_compensation(step_id=step_id, attempt=attempt, at=now)
-                active.scope.set_step(step_id, StepStatus.COMPENSATED.value, step.output)
+                active.scope.set_step(step_id, run.steps[step_id].status.value, step.output)
                 self._compensation_counter.add(1, {**attributes, "outcome": "compensated"})
                 await self._save(active)
                 return

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import enum
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +44,10 @@ from collaborative_blocks.core.machines import StateMachineAggregate, transition
 from collaborative_blocks.errors import IllegalTransitionError
 
 __all__ = [
+    "COMPLETED",
+    "OUTCOME_UNKNOWN",
     "RUN_NAMESPACE",
+    "UNCERTAIN_ERRORS",
     "CompensationState",
     "RunStatus",
     "StepState",
@@ -55,6 +58,16 @@ __all__ = [
 
 #: The UUID namespace of run aggregate ids (``uuid5(RUN_NAMESPACE, run_id)``).
 RUN_NAMESPACE = uuid.UUID("0b6c7f3e-6d1f-5c1e-9a59-5f0c2f1d7a11")
+
+
+#: Error types of attempts whose effect on the target is unknown: no reply in time (the
+#: command may still run) or in flight when the engine's process stopped. A step with such an
+#: attempt that did not complete is compensated when its run compensates (saga atomicity);
+#: any other error is the target's definite answer (it did not apply the command).
+UNCERTAIN_ERRORS = frozenset({"Timeout", "Interrupted"})
+#: Why a step is compensated (the ``reason`` of its CompensationStarted events).
+COMPLETED = "completed"
+OUTCOME_UNKNOWN = "outcome unknown"
 
 
 def run_aggregate_id(run_id: str) -> uuid.UUID:
@@ -69,9 +82,11 @@ class RunStatus(enum.StrEnum):
     RUNNING = "running"
     COMPENSATING = "compensating"
     COMPLETED = "completed"
-    #: A step failed before any step completed: there was nothing to compensate.
+    #: A step failed and there was nothing to compensate: no step completed, and none has an
+    #: attempt of unknown outcome with a compensation action.
     FAILED = "failed"
-    #: A step failed, and every completed step was compensated.
+    #: A step failed, and every completed step (and every step whose outcome was unknown and
+    #: that names a compensation action) was compensated.
     COMPENSATED = "compensated"
     #: A step failed, and at least one compensation failed after its retries.
     COMPENSATION_FAILED = "compensation_failed"
@@ -130,20 +145,30 @@ _STEP_SOURCES: dict[str, frozenset[StepStatus]] = {
     "fail_attempt": frozenset({StepStatus.RUNNING}),
     "complete_step": frozenset({StepStatus.RUNNING}),
     "fail_step": frozenset({StepStatus.PENDING, StepStatus.SCHEDULED, StepStatus.RETRY_WAIT}),
-    "start_compensation": frozenset({StepStatus.COMPLETED, StepStatus.COMPENSATING}),
-    "fail_compensation": frozenset({StepStatus.COMPENSATING}),
-    "complete_compensation": frozenset({StepStatus.COMPENSATING}),
+    # FAILED and SKIPPED: a step whose outcome is unknown (see UNCERTAIN_ERRORS) keeps its
+    # status while it is compensated; its compensation's status says how that went.
+    "start_compensation": frozenset(
+        {StepStatus.COMPLETED, StepStatus.COMPENSATING, StepStatus.FAILED, StepStatus.SKIPPED}
+    ),
+    "fail_compensation": frozenset(
+        {StepStatus.COMPENSATING, StepStatus.FAILED, StepStatus.SKIPPED}
+    ),
+    "complete_compensation": frozenset(
+        {StepStatus.COMPENSATING, StepStatus.FAILED, StepStatus.SKIPPED}
+    ),
     "skip_compensation": frozenset({StepStatus.COMPLETED}),
 }
 
 
 @dataclass
 class CompensationState:
-    """How a completed step's compensation went."""
+    """How a step's compensation went: a completed step's, or (``reason`` OUTCOME_UNKNOWN)
+    that of a step that did not complete but may have had an effect."""
 
     status: StepStatus = StepStatus.COMPENSATING
     #: The compensation action sent to the step's target (None: nothing to compensate).
     action: str | None = None
+    reason: str = COMPLETED
     attempts: int = 0
     #: Whether an attempt was started and has no recorded outcome yet.
     running: bool = False
@@ -175,6 +200,11 @@ class StepState:
     skipped_reason: str | None = None
     compensation: CompensationState | None = None
     attempt_errors: list[tuple[int, str, str]] = field(default_factory=list)
+
+
+def _uncertain(step: StepState) -> bool:
+    """Whether one of the step's attempts ended with an unknown outcome."""
+    return any(error_type in UNCERTAIN_ERRORS for _, error_type, _ in step.attempt_errors)
 
 
 def _source_names(statuses: frozenset[StepStatus]) -> list[str]:
@@ -367,12 +397,37 @@ class WorkflowRun(StateMachineAggregate[RunStatus]):
 
     @transition(source=RunStatus.COMPENSATING, event="CompensationStarted")
     def start_compensation(
-        self, step_id: str, attempt: int, action: str, message_id: str, at: float
+        self,
+        step_id: str,
+        attempt: int,
+        action: str,
+        message_id: str,
+        at: float,
+        reason: str = COMPLETED,
     ) -> None:
+        """``reason``: COMPLETED for a completed step, OUTCOME_UNKNOWN for a step that did not
+        complete but has an attempt of unknown outcome (:meth:`uncertain_steps`)."""
         step = self._step("start_compensation", step_id)
+        expected = (
+            OUTCOME_UNKNOWN
+            if step.status in (StepStatus.FAILED, StepStatus.SKIPPED)
+            or (step.compensation is not None and step.compensation.reason == OUTCOME_UNKNOWN)
+            else COMPLETED
+        )
+        if reason != expected or (expected == OUTCOME_UNKNOWN and not _uncertain(step)):
+            raise IllegalTransitionError(
+                f"WorkflowRun step {step_id!r}",
+                "start_compensation",
+                f"{step.status.value} (reason {reason!r} given)",
+                [f"start_compensation(reason={expected!r})"]
+                if expected == COMPLETED or _uncertain(step)
+                else ["nothing: every attempt of this step failed with a definite error"],
+            )
         compensation = step.compensation
         if compensation is None:
-            compensation = step.compensation = CompensationState(action=action, started_at=at)
+            compensation = step.compensation = CompensationState(
+                action=action, reason=reason, started_at=at
+            )
             self.compensation_order.append(step_id)
         if compensation.running or attempt != compensation.attempts + 1:
             raise IllegalTransitionError(
@@ -383,7 +438,8 @@ class WorkflowRun(StateMachineAggregate[RunStatus]):
                 f"attempt {attempt} given)",
                 [f"start_compensation(attempt={compensation.attempts + 1})"],
             )
-        step.status = StepStatus.COMPENSATING
+        if reason == COMPLETED:
+            step.status = StepStatus.COMPENSATING
         compensation.attempts = attempt
         compensation.running = True
         compensation.retry_at = None
@@ -404,7 +460,9 @@ class WorkflowRun(StateMachineAggregate[RunStatus]):
         compensation.error_type = error_type
         compensation.error = error
         if retry_at is None:
-            step.status = compensation.status = StepStatus.COMPENSATION_FAILED
+            compensation.status = StepStatus.COMPENSATION_FAILED
+            if compensation.reason == COMPLETED:
+                step.status = StepStatus.COMPENSATION_FAILED
             compensation.finished_at = at
         else:
             compensation.retry_at = retry_at
@@ -415,7 +473,9 @@ class WorkflowRun(StateMachineAggregate[RunStatus]):
         compensation = self._compensation(step, "complete_compensation")
         compensation.running = False
         compensation.retry_at = None
-        step.status = compensation.status = StepStatus.COMPENSATED
+        compensation.status = StepStatus.COMPENSATED
+        if compensation.reason == COMPLETED:
+            step.status = StepStatus.COMPENSATED
         compensation.finished_at = at
 
     @transition(source=RunStatus.COMPENSATING, event="NothingToCompensate")
@@ -493,9 +553,29 @@ class WorkflowRun(StateMachineAggregate[RunStatus]):
         """Steps that failed for good, in the order they failed (the first is the cause)."""
         return list(self.failure_order)
 
-    def next_to_compensate(self) -> str | None:
-        """The step to compensate now: the most recently completed step whose compensation
-        has not ended (reverse order of completion), or None when every one has."""
+    def uncertain_steps(self, compensable: Container[str] | None = None) -> list[str]:
+        """Steps that did not complete but may have had an effect on their target: failed
+        or skipped with an attempt of unknown outcome (:data:`UNCERTAIN_ERRORS`), in reverse
+        step order (dependents before their dependencies). ``compensable``: only those
+        (the steps naming a compensation action; None: every step)."""
+        return [
+            step_id
+            for step_id in reversed(self.step_ids)
+            if (compensable is None or step_id in compensable)
+            and self.steps[step_id].status in (StepStatus.FAILED, StepStatus.SKIPPED)
+            and _uncertain(self.steps[step_id])
+        ]
+
+    def next_to_compensate(self, compensable: Container[str] | None = None) -> str | None:
+        """The step to compensate now, or None when every compensation has ended.
+
+        First the steps whose outcome is unknown (:meth:`uncertain_steps` among
+        ``compensable``: they were the last in flight), in reverse step order; then the
+        completed steps, most recently completed first (reverse order of completion)."""
+        for step_id in self.uncertain_steps(compensable):
+            compensation = self.steps[step_id].compensation
+            if compensation is None or compensation.status is StepStatus.COMPENSATING:
+                return step_id
         for step_id in reversed(self.completion_order):
             status = self.steps[step_id].status
             if status in (StepStatus.COMPLETED, StepStatus.COMPENSATING):
@@ -505,10 +585,17 @@ class WorkflowRun(StateMachineAggregate[RunStatus]):
     def compensation_outcome(self) -> RunStatus:
         """COMPENSATED, or COMPENSATION_FAILED if any compensation failed for good."""
         if any(
-            self.steps[s].status is StepStatus.COMPENSATION_FAILED for s in self.completion_order
+            (compensation := self.steps[s].compensation) is not None
+            and compensation.status is StepStatus.COMPENSATION_FAILED
+            for s in self.compensation_order
         ):
             return RunStatus.COMPENSATION_FAILED
         return RunStatus.COMPENSATED
+
+    def needs_compensation(self, compensable: Container[str] | None = None) -> bool:
+        """Whether a failed run has something to compensate: a completed step, or a step
+        whose outcome is unknown among ``compensable``."""
+        return bool(self.completion_order) or bool(self.uncertain_steps(compensable))
 
     def outputs(self) -> dict[str, Any]:
         """Every completed step's output, by step id."""

@@ -22,13 +22,14 @@ an effect happens at most once and an old, slow attempt can never apply an effec
 newer one was refused. Compensations do the same with ``<run>:<step>:compensate``; an
 injected failure of a compensation is transient (``Unavailable``) and retried.
 
-**The orders node reconciles.** The engine compensates completed steps only; a step whose
-outcome is uncertain (an attempt timed out, or it was waiting for a retry when a sibling
-failed) may have taken effect at its target anyway. The node's supervisor sends the
-compensation of every such step of a run that did not complete (the target undoes the effect,
-or refuses the step for good if it never decided it: a tombstone a late request will find),
-and resumes runs whose driver stopped on a failed store write. Without it about one seed in
-ten leaves a reservation or a charge behind.
+**The orders node reconciles, as a second line of defence.** The engine itself now
+compensates steps whose outcome is uncertain (an attempt timed out or was interrupted) and
+retries failed saves; the node's supervisor still sends the compensation of every such step
+of a run that did not complete (the target undoes the effect, or refuses the step for good if
+it never decided it: a tombstone a late request will find; a second compensation of the same
+key is a no-op) and resumes runs whose driver stopped after a store outage outlasted the
+engine's retries. Before the engine did this itself, about one seed in ten left a reservation
+or a charge behind without the supervisor.
 
 Faults: the plan's drops, duplicates, delays, crashes (of targets and of the engine's node),
 partitions, store failures and slow writes; ``handler_error`` makes a target refuse a step
@@ -228,7 +229,7 @@ def order_workflow() -> WorkflowDefinition:
                 compensation_parameters={
                     "order": order,
                     "sku": "${input.sku}",
-                    "reservation": "${steps.reserve.output.reservation}",
+                    "reservation": "${input.order}:reserve",
                 },
             ),
             step(
@@ -245,7 +246,7 @@ def order_workflow() -> WorkflowDefinition:
                 compensation="refund",
                 compensation_parameters={
                     "order": order,
-                    "charge": "${steps.charge.output.charge}",
+                    "charge": "${input.order}:charge",
                 },
             ),
             step(
@@ -256,7 +257,7 @@ def order_workflow() -> WorkflowDefinition:
                 compensation="cancel",
                 compensation_parameters={
                     "order": order,
-                    "shipment": "${steps.ship.output.shipment}",
+                    "shipment": "${input.order}:ship",
                 },
             ),
         ],

@@ -1319,3 +1319,139 @@ async def test_closing_during_an_outage_does_not_wait_for_the_store(
     result = await drive(clock, second.wait_for("r"))
     assert result.succeeded, result.error
     await assert_each_event_once(world, "r")
+
+
+# -- steps of unknown outcome -------------------------------------------------------------------
+
+
+async def test_a_step_whose_attempt_timed_out_is_compensated_when_a_sibling_fails(
+    world: World, clock: VirtualClock
+) -> None:
+    undone: list[str] = []
+
+    async def work(message: Message) -> object:
+        assert isinstance(message.payload, dict)
+        name = str(message.payload["name"])
+        if name == "slow":
+            # No reply in time (5 s), but it did apply the command: a late effect.
+            await clock.sleep(5.5)
+        if name == "fails":
+            await clock.sleep(6.0)
+            raise ValueError("card declined")
+        return "ok"
+
+    async def undo(message: Message) -> object:
+        assert isinstance(message.payload, dict)
+        undone.append(str(message.payload["name"]))
+        return None
+
+    world.handle("system", "action", work)
+    world.handle("system", "undo", undo)
+    world.handle("warehouse", "action", work)
+    world.handle("warehouse", "undo", undo)
+    engine = world.engine()
+    retry = {"max_retries": 2, "delay": 10}
+    compensated = {"compensation": "undo"}
+    definition = WorkflowDefinition(
+        "wf",
+        "saga",
+        steps=[
+            step("done", **compensated),
+            step("slow", system_target="warehouse", timeout=5, retry_policy=retry, **compensated),
+            step("fails", retry_policy={"max_retries": 0}, **compensated),
+        ],
+    )
+    for item in definition.steps.values():
+        object.__setattr__(item, "compensation_parameters", {"name": item.step_id})
+    await engine.define_workflow(definition)
+    result = await drive(clock, engine.execute_workflow("wf", run_id="r"))
+    assert result.status is RunStatus.COMPENSATED
+    assert result.failed_step == "fails"
+    # The timed-out step was waiting for its retry: skipped, and compensated first.
+    assert undone == ["slow", "done"]
+    assert result.compensated == ("slow", "done")
+    slow = result.steps["slow"]
+    assert slow.status is StepStatus.SKIPPED
+    assert slow.error is not None
+    assert slow.error.startswith("Timeout")
+    assert slow.compensation is not None
+    assert (slow.compensation.status, slow.compensation.reason) == (
+        StepStatus.COMPENSATED,
+        "outcome unknown",
+    )
+    done = result.steps["done"].compensation
+    assert done is not None
+    assert done.reason == "completed"
+    # A definite failure of the target: never applied, never compensated.
+    assert result.steps["fails"].compensation is None
+    started = [
+        (d["step_id"], d["reason"])
+        for n, d in await events(engine, "r")
+        if n == "CompensationStarted"
+    ]
+    assert started == [("slow", "outcome unknown"), ("done", "completed")]
+
+
+async def test_a_step_that_timed_out_for_good_is_compensated_even_with_nothing_completed(
+    world: World, clock: VirtualClock
+) -> None:
+    undone: list[str] = []
+
+    async def stuck(message: Message) -> object:
+        await clock.sleep(5.5)  # replies after the step's timeout: the effect happened
+        return "late"
+
+    async def undo(message: Message) -> object:
+        undone.append(message.id)
+        return None
+
+    world.handle("system", "action", stuck)
+    world.handle("system", "undo", undo)
+    engine = world.engine()
+    await engine.define_workflow(
+        WorkflowDefinition(
+            "wf",
+            "x",
+            steps=[
+                step("a", timeout=5, retry_policy={"max_retries": 0}, compensation="undo"),
+                step("no-undo", timeout=5, retry_policy={"max_retries": 0}),
+            ],
+        )
+    )
+    result = await drive(clock, engine.execute_workflow("wf", run_id="r"))
+    assert result.status is RunStatus.COMPENSATED
+    assert result.steps["a"].status is StepStatus.FAILED
+    assert result.compensated == ("a",)
+    assert undone == ["r:a:compensate:1"]
+    # A step naming no compensation action has nothing to send: it is left as it is.
+    assert result.steps["no-undo"].compensation is None
+
+
+async def test_a_step_whose_attempts_all_failed_in_the_handler_is_not_compensated(
+    world: World, clock: VirtualClock
+) -> None:
+    undone: list[str] = []
+
+    async def broken(message: Message) -> object:
+        raise ConnectionError("refused")
+
+    async def undo(message: Message) -> object:
+        undone.append(message.id)
+        return None
+
+    world.handle("system", "action", broken)
+    world.handle("system", "undo", undo)
+    engine = world.engine()
+    await engine.define_workflow(
+        WorkflowDefinition(
+            "wf",
+            "x",
+            steps=[step("a", retry_policy={"max_retries": 2, "delay": 1}, compensation="undo")],
+        )
+    )
+    result = await drive(clock, engine.execute_workflow("wf", run_id="r"))
+    assert result.status is RunStatus.FAILED
+    assert result.steps["a"].attempts == 3
+    assert result.steps["a"].compensation is None
+    assert result.compensated == ()
+    assert undone == []

@@ -203,3 +203,58 @@ async def test_replaying_the_events_rebuilds_the_same_run() -> None:
     assert again.running_attempts() == ["b"]
     assert again.in_flight() == ["b"]
     assert again.outputs() == {"a": {"y": [1, 2]}}
+
+
+def fail_once(run: WorkflowRun, step_id: str, error_type: str, *, retry_at: float | None) -> None:
+    run.schedule_step(step_id=step_id, at=11.0)
+    run.start_attempt(step_id=step_id, attempt=1, target="t", message_id="m", at=11.0)
+    run.fail_attempt(
+        step_id=step_id,
+        attempt=1,
+        error_type=error_type,
+        error="x",
+        duration=None,
+        retry_at=retry_at,
+        at=11.5,
+    )
+
+
+async def test_steps_of_unknown_outcome_are_compensated_first_and_keep_their_status() -> None:
+    run = new_run()
+    complete(run, "a", at=11.0)
+    fail_once(run, "b", "Timeout", retry_at=20.0)  # waiting for its retry
+    run.skip_step(step_id="b", reason="cancelled", at=12.0)
+    fail_once(run, "c", "Interrupted", retry_at=None)  # (c after a: order of the test only)
+    fail_once(run, "d", "RemoteCommandError", retry_at=None)  # a definite answer
+    assert run.uncertain_steps() == ["c", "b"]  # reverse step order
+    assert run.uncertain_steps({"b", "d"}) == ["b"]  # only steps naming a compensation
+    assert run.needs_compensation({"d"})  # a completed
+    run.begin_compensation(failed_step="c", error="x", at=13.0)
+    with pytest.raises(IllegalTransitionError):  # it did not complete
+        run.start_compensation(step_id="b", attempt=1, action="u", message_id="m", at=13.0)
+    with pytest.raises(IllegalTransitionError):  # the target said no: nothing to undo
+        run.start_compensation(
+            step_id="d", attempt=1, action="u", message_id="m", at=13.0, reason="outcome unknown"
+        )
+    assert run.next_to_compensate({"a", "b"}) == "b"
+    run.start_compensation(
+        step_id="b", attempt=1, action="u", message_id="m", at=13.0, reason="outcome unknown"
+    )
+    run.complete_compensation(step_id="b", attempt=1, at=13.1)
+    b = run.steps["b"]
+    assert b.status is StepStatus.SKIPPED
+    assert b.compensation is not None
+    assert (b.compensation.status, b.compensation.reason) == (
+        StepStatus.COMPENSATED,
+        "outcome unknown",
+    )
+    assert run.next_to_compensate({"a", "b"}) == "a"
+    run.start_compensation(step_id="a", attempt=1, action="u", message_id="m", at=13.2)
+    run.fail_compensation(step_id="a", attempt=1, error_type="E", error="no", retry_at=None, at=14)
+    assert run.next_to_compensate({"a", "b"}) is None
+    assert run.compensation_order == ["b", "a"]
+    assert run.compensation_outcome() is RunStatus.COMPENSATION_FAILED
+    repo = Repository(MemoryEventStore())
+    await repo.save(run)
+    again = await repo.get(run_aggregate_id("r1"), WorkflowRun)
+    assert again.steps == run.steps
