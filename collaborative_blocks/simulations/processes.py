@@ -36,7 +36,6 @@ import json
 import os
 import signal
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +51,7 @@ from collaborative_blocks.core.messaging.envelope import (
 )
 from collaborative_blocks.core.randomness import Random, new_random
 from collaborative_blocks.core.settings import load_settings
-from collaborative_blocks.simulations.results import History, OpType
+from collaborative_blocks.simulations.results import History, Operation, OpType
 from collaborative_blocks.stores import DelegatingStore, open_store
 from collaborative_blocks.stores.base import (
     AppendRequest,
@@ -118,40 +117,9 @@ def _encode(data: Mapping[str, JSONValue]) -> bytes:
 # -- the history each process writes -----------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class HistoryRecord:
-    """One line of a process's history file."""
-
-    seq: int
-    time: float
-    process: str
-    type: OpType
-    f: str
-    value: JSONValue = None
-    error: str | None = None
-
-    def to_json(self) -> dict[str, JSONValue]:
-        return {
-            "seq": self.seq,
-            "time": self.time,
-            "process": self.process,
-            "type": self.type.value,
-            "f": self.f,
-            "value": self.value,
-            "error": self.error,
-        }
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> HistoryRecord:
-        return cls(
-            seq=int(data["seq"]),
-            time=float(data["time"]),
-            process=str(data["process"]),
-            type=OpType(data["type"]),
-            f=str(data["f"]),
-            value=data.get("value"),
-            error=data.get("error"),
-        )
+#: One line of a process's history file: an :class:`Operation` whose ``index`` is the
+#: process's own sequence number (the merged :class:`History` renumbers them).
+HistoryRecord = Operation
 
 
 class HistoryWriter:
@@ -194,7 +162,7 @@ def read_history_file(path: Path) -> list[HistoryRecord]:
             records.append(HistoryRecord.from_json(json.loads(line)))
         except (ValueError, KeyError):
             continue  # only the last line can be torn; the writer never writes half of one
-    records.sort(key=lambda r: r.seq)
+    records.sort(key=lambda r: r.index)
     return records
 
 
@@ -228,7 +196,7 @@ def merge_histories(
             for invoke in waiting:
                 synthetic.append(
                     HistoryRecord(
-                        invoke.seq,
+                        invoke.index,
                         max(killed[process], invoke.time),
                         process,
                         OpType.INFO,
@@ -237,7 +205,7 @@ def merge_histories(
                         KILLED,
                     )
                 )
-    synthetic.sort(key=lambda r: (r.time, r.process, r.seq))
+    synthetic.sort(key=lambda r: (r.time, r.process, r.index))
     merged: Iterator[HistoryRecord] = heapq.merge(*streams, synthetic, key=lambda r: r.time)
     records = list(merged)
     origin = start if start is not None else min((r.time for r in records), default=0.0)

@@ -130,7 +130,7 @@ def test_merged_history_orders_by_time_and_marks_what_a_kill_hid_as_info(tmp_pat
     # A SIGKILL mid-write leaves a torn last line: it is skipped, not fatal.
     with (tmp_path / "worker#1.jsonl").open("ab") as torn:
         torn.write(b'{"seq": 3, "time": 1002.5, "proc')
-    assert [r.seq for r in read_history_file(tmp_path / "worker#1.jsonl")] == [1, 2]
+    assert [r.index for r in read_history_file(tmp_path / "worker#1.jsonl")] == [1, 2]
 
     history = merge_histories(
         [tmp_path / "client.jsonl", tmp_path / "worker#1.jsonl"],
