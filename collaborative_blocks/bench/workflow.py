@@ -53,6 +53,7 @@ from collaborative_blocks.core.workflows import (
     CircuitBreaker,
     WorkflowCoordinationEngine,
     WorkflowDefinition,
+    WorkflowResult,
     WorkflowScope,
     WorkflowStep,
     compile_condition,
@@ -138,10 +139,6 @@ async def _handler(message: Message) -> JSONValue:
     return {"done": step}
 
 
-def _plain_handlers() -> dict[str, Callable[[Message], Awaitable[JSONValue]]]:
-    return {step_id: _handler for step_id, *_ in STEPS}
-
-
 async def _plain_run(message: Message) -> None:
     """The baseline: the same handlers, the same order, parallel branches gathered."""
     done: set[str] = set()
@@ -173,7 +170,7 @@ async def _engine(store: EventStore, runs: int, concurrency: int) -> float:
         await engine.define_workflow(definition())
         await broker.start()
         # One warm-up run: compiled machines, first-use imports.
-        await _check(await engine.execute_workflow("bench-order", INPUT))
+        _check(await engine.execute_workflow("bench-order", INPUT))
         start = time.perf_counter()
         for first in range(0, runs, concurrency):
             results = await asyncio.gather(
@@ -183,14 +180,14 @@ async def _engine(store: EventStore, runs: int, concurrency: int) -> float:
                 )
             )
             for result in results:
-                await _check(result)
+                _check(result)
         elapsed = time.perf_counter() - start
     await broker.close()
     await runtime.close()
     return runs * len(STEPS) / elapsed
 
 
-async def _check(result: Any) -> None:
+def _check(result: WorkflowResult) -> None:
     if not result.succeeded:
         raise CollaborativeBlocksError(f"bench: a workflow run did not complete: {result}")
 
