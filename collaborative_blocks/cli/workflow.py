@@ -33,7 +33,6 @@ from collaborative_blocks.core.runtime import Runtime
 from collaborative_blocks.core.settings import load_settings
 from collaborative_blocks.core.workflows import (
     RunEvent,
-    RunStatus,
     WorkflowCoordinationEngine,
     WorkflowDefinition,
     WorkflowResult,
@@ -136,9 +135,9 @@ async def _engine(
 
 
 def _status_style(status: str) -> str:
-    if status in (RunStatus.COMPLETED.value, "completed"):
+    if status == "completed":
         return "green"
-    if status in ("skipped", "compensated", RunStatus.COMPENSATED.value):
+    if status in ("skipped", "compensated"):
         return "yellow"
     if status in ("pending", "running", "scheduled", "retry_wait"):
         return "cyan"
