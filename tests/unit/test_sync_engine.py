@@ -40,6 +40,7 @@ from collaborative_blocks.errors import (
     DuplicateSystemError,
     FutureTimestampError,
     ResolverFailedError,
+    SyncError,
     SyncSerializationError,
     TopologyError,
     UnknownDependencyError,
@@ -425,3 +426,130 @@ async def test_a_systems_own_change_during_a_conflict_append_is_not_lost(
     assert await engine.ensure_consistency("k", 5)
     assert engine.value("b", "k") == "from b"  # b's own write survived the conflict fold
     await engine.close()
+
+
+async def test_a_change_whose_delivery_is_lost_is_repaired_after_repair_after(
+    store: EventStore,
+) -> None:
+    """A delivery that never arrives (dead-lettered, say) leaves a replica behind only until
+    the repair task applies the change itself, ``repair_after`` seconds later."""
+    clock = VirtualClock()
+    provider_reader = InMemoryMetricReader()
+    engine = engine_on(
+        store,
+        clock,
+        repair_after=20,
+        meter_provider=MeterProvider(metric_readers=[provider_reader]),
+    )
+    await chain(engine, ["a", "b", "c"])
+    original = engine._receive
+    lost: list[str] = []
+
+    async def lose_c(system_id: str, message: Message, ctx: MessageContext) -> None:
+        if system_id == "c":
+            lost.append(message.id)  # acknowledged and gone, as if dead-lettered
+            return
+        await original(system_id, message, ctx)
+
+    engine._receive = lose_c  # type: ignore[method-assign]
+    await engine.propagate_change("a", {"k": "v1"})
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert lost
+    assert engine.value("b", "k") == "v1"
+    assert engine.value("c", "k") is None
+    await clock.advance(19.9)
+    assert engine.value("c", "k") is None  # not before repair_after
+    await clock.advance(0.2)
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert engine.value("c", "k") == "v1"
+    assert engine.inconsistency("k") is None
+    assert await engine.ensure_consistency("k", 0)
+    data = provider_reader.get_metrics_data()
+    repairs = [
+        point.value
+        for resource in data.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.name == "cb.sync.repairs"
+        for point in metric.data.data_points
+    ]
+    assert repairs == [1]
+    await engine.close()
+
+
+async def test_repair_applies_what_is_outstanding_and_conflicts_first(store: EventStore) -> None:
+    """``repair()`` by hand (the background task off): lost deliveries to a diamond's sink
+    are applied, in topological order, with the conflict they make stored first; a late
+    delivery of a repaired change is a duplicate and changes nothing."""
+    clock = VirtualClock()
+    engine = engine_on(store, clock, repair_after=None)
+    await engine.register_system("a")
+    await engine.register_system("x")
+    await engine.register_system("sink", ["a", "x"])
+    original = engine._receive
+    held: list[tuple[Message, MessageContext]] = []
+
+    async def hold(system_id: str, message: Message, ctx: MessageContext) -> None:
+        held.append((message, ctx))
+
+    engine._receive = hold  # type: ignore[method-assign]
+    await engine.propagate_change("a", {"k": "from a"})
+    await engine.propagate_change("x", {"k": "from x"})  # concurrent: a conflict at sink
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert len(held) == 2
+    assert engine.value("sink", "k") is None
+    assert engine.inconsistency("k") is not None
+    assert await engine.repair(older_than=60) == 0  # nothing outstanding that long
+    assert await engine.repair() == 2
+    assert engine.inconsistency("k") is None
+    assert engine.value("sink", "k") == "from x"  # later timestamp wins in test_lww
+    assert [c.status for c in engine.conflicts("k")] == [ConflictStatus.RESOLVED]
+    assert await engine.repair() == 0  # idempotent
+    for message, ctx in held:  # the late deliveries: duplicates
+        await original("sink", message, ctx)
+    assert engine.value("sink", "k") == "from x"
+    assert len(engine.conflicts("k")) == 1
+    await engine.close()
+
+
+async def test_a_redelivered_change_is_forwarded_even_if_its_replica_holds_it(
+    store: EventStore,
+) -> None:
+    """The first delivery applied the change and then failed before its forwards went out:
+    the redelivery (attempt 2) forwards it although the replica already holds it."""
+    clock = VirtualClock()
+    engine = engine_on(store, clock, repair_after=None)
+    await chain(engine, ["a", "b", "c"])
+    original = engine._receive
+    failed: list[str] = []
+
+    async def fail_after_apply(system_id: str, message: Message, ctx: MessageContext) -> None:
+        await original(system_id, message, ctx)
+        if system_id == "b" and not failed:
+            failed.append(message.id)
+            raise ConnectionError("lost the connection before the forwards were sent")
+
+    engine._receive = fail_after_apply  # type: ignore[method-assign]
+    await engine.propagate_change("a", {"k": "v"})
+    waiting = asyncio.ensure_future(engine.ensure_consistency("k", 30))
+    for _ in range(400):  # the broker's retry backoff runs on the virtual clock
+        if waiting.done():
+            break
+        await clock.advance(0.1)
+        for _ in range(5):
+            await asyncio.sleep(0)
+    assert waiting.done()
+    assert waiting.result() is True
+    assert failed
+    assert engine.value("c", "k") == "v"
+    await engine.close()
+
+
+async def test_repair_after_must_be_positive(store: EventStore) -> None:
+    with pytest.raises(SyncError, match="repair_after"):
+        engine_on(store, repair_after=0)
+    with pytest.raises(SyncError, match="repair_after"):
+        engine_on(store, repair_after=-5)

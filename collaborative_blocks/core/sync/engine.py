@@ -13,6 +13,12 @@ changes recorded in the log and delivered through the broker, awaitable consiste
 - The change stream is the truth: a restarted engine (same store, same registrations)
   rebuilds every replica by folding the logged changes. Conflicts a replica detects are
   appended to the engine's conflict stream.
+- Anti-entropy: a delivery can be lost for good (dead-lettered after its retries ran out
+  while the store was down, or a forward that failed after its replica had applied the
+  change). The engine keeps every change of its own that some system has not applied yet;
+  one still outstanding ``repair_after`` seconds after it was recorded is applied to those
+  systems directly from the record, as the broker would have (:meth:`repair`). Replicas
+  therefore converge without a restart, whatever the broker lost.
 
 Folding a change into a replica computes every key's new state before storing any, so a
 resolver that raises leaves the replica as it was (no half-applied change).
@@ -21,7 +27,9 @@ resolver that raises leaves the replica as it was (no half-applied change).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -69,6 +77,7 @@ CONFLICT_TOPIC = "collaborative_blocks.sync:ConflictRecorded"
 #: The name of the command that carries a change to a system's replica.
 CHANGE_MESSAGE = "cb.sync.change"
 _INSTRUMENTATION = "collaborative_blocks.sync"
+log = logging.getLogger(__name__)
 # System ids become message names and broker subscription patterns: no glob characters.
 _SYSTEM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$")
 
@@ -92,6 +101,16 @@ class ChangeRecord:
 
 
 _MISSING = object()
+
+
+@dataclass(slots=True)
+class _Outstanding:
+    """A change of this engine that some downstream systems have not applied yet."""
+
+    since: float  # when it was recorded (engine clock, monotonic)
+    systems: set[str]  # the systems still to apply it
+    record: ChangeRecord | None = None  # set once the change is in the log
+    repair_at: float = 0.0  # when the repair task applies it itself, if still outstanding
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,10 +174,16 @@ class RealTimeSyncEngine:
         name: str = "sync",
         guarantee: DeliveryGuarantee = DeliveryGuarantee.AT_LEAST_ONCE,
         max_clock_skew: float = 300.0,
+        repair_after: float | None = 30.0,
         meter_provider: metrics.MeterProvider | None = None,
     ) -> None:
         if not _SYSTEM_ID.match(name):
             raise SyncError(f"engine name {name!r} must match {_SYSTEM_ID.pattern}")
+        if repair_after is not None and not repair_after > 0:
+            raise SyncError(
+                f"repair_after must be a number of seconds > 0 (or None to turn repairs off), "
+                f"got {repair_after!r}"
+            )
         self._own_runtime = runtime is None
         self.runtime = runtime if runtime is not None else Runtime(store=store, clock=clock)
         self.clock: Clock = clock if clock is not None else self.runtime.clock
@@ -173,6 +198,7 @@ class RealTimeSyncEngine:
         self.name = name
         self.guarantee = guarantee
         self.max_clock_skew = max_clock_skew
+        self.repair_after = repair_after
         self.changes_stream = f"cb-sync:{name}:changes"
         self.conflicts_stream = f"cb-sync:{name}:conflicts"
         self._replicas: dict[str, _Replica] = {}
@@ -185,8 +211,10 @@ class RealTimeSyncEngine:
         self._conflicts_loaded = False
         self._indexed = False
         self._changed = asyncio.Event()
-        # change (its dot) -> (when recorded, systems still to apply it)
-        self._pending: dict[tuple[str, int], tuple[float, set[str]]] = {}
+        # change (its dot) -> when recorded, systems still to apply it, the record
+        self._pending: dict[tuple[str, int], _Outstanding] = {}
+        self._repairer: asyncio.Task[None] | None = None
+        self._repair_wanted = asyncio.Event()
         # key -> deliveries still to apply, so a waiter checks a counter, not every change
         self._key_pending: dict[str, int] = {}
         self.last_inconsistency: Inconsistency | None = None
@@ -204,6 +232,10 @@ class RealTimeSyncEngine:
         self._conflict_counter = meter.create_counter(
             "cb.sync.conflicts",
             description="conflicts detected and resolved, per resolver (strategy) and status",
+        )
+        self._repair_counter = meter.create_counter(
+            "cb.sync.repairs",
+            description="changes applied to a system by the repair task (its delivery was lost)",
         )
 
     # -- wiring ----------------------------------------------------------------------------
@@ -292,6 +324,8 @@ class RealTimeSyncEngine:
             system=system_id,
         )
         self._changed.set()
+        if self.repair_after is not None and self._repairer is None:
+            self._repairer = asyncio.ensure_future(self._repair_loop(self.repair_after))
 
     def _upstream(self, deps: Iterable[str]) -> set[str]:
         seen: set[str] = set()
@@ -396,8 +430,11 @@ class RealTimeSyncEngine:
         targets = self.downstream(source)
         keys = list(dict.fromkeys(write.key for write in writes))
         self._commit(replica, provisional, updated)
+        outstanding = None
         if targets:
-            self._pending[provisional.dot] = (self.clock.monotonic(), set(targets))
+            outstanding = self._pending[provisional.dot] = _Outstanding(
+                self.clock.monotonic(), set(targets)
+            )
             for key in keys:
                 self._key_pending[key] = self._key_pending.get(key, 0) + len(targets)
         body = {"source": source, "writes": [w.to_json() for w in writes]}
@@ -424,6 +461,11 @@ class RealTimeSyncEngine:
         for conflict in fresh:
             self._remember_conflict(conflict)
         record = ChangeRecord(position, source, tuple(writes))
+        if outstanding is not None:
+            outstanding.record = record
+            if self.repair_after is not None:
+                outstanding.repair_at = outstanding.since + self.repair_after
+                self._repair_wanted.set()
         self._index(record)
         self._changed.set()
         for message in self._messages(source, record):
@@ -469,12 +511,23 @@ class RealTimeSyncEngine:
             str(payload["source"]),
             tuple(Write.from_json(w) for w in writes) if isinstance(writes, list) else (),
         )
+        if await self._apply(system_id, record) or ctx.attempt > 1:
+            # A redelivery forwards even a change its replica already holds: the first
+            # delivery may have applied it and then failed before its forwards went out.
+            # (Dependents drop what they hold; a diamond's second copy is not forwarded.)
+            for forward in self._messages(system_id, record):
+                ctx.publish(forward)
+
+    async def _apply(self, system_id: str, record: ChangeRecord) -> bool:
+        """Fold ``record`` into ``system_id``'s replica unless it holds it already (then
+        False); conflicts it makes are stored first, then the replica shows the change."""
         replica = self._replicas[system_id]
         # One change at a time per replica: the conflict append below awaits, and a second
         # change computed meanwhile from the old state would undo the first.
         async with replica.lock:
             if record.dot in replica.applied:
-                return  # a duplicate (a diamond in the topology, or a redelivery)
+                self._delivered(system_id, record)  # a diamond's second copy, a redelivery
+                return False
             try:
                 updated, conflicts = self._compute(replica, record)
             except ResolverFailedError:
@@ -485,7 +538,8 @@ class RealTimeSyncEngine:
             if conflicts:
                 await self._record_conflicts(conflicts)
                 if record.dot in replica.applied:
-                    return  # applied meanwhile (a rebuild)
+                    self._delivered(system_id, record)
+                    return False  # applied meanwhile (a rebuild)
                 # The system's own propagate_change may have changed the replica during the
                 # append (it does not take the lock): fold again from what is there now.
                 updated, _ = self._compute(replica, record)
@@ -493,17 +547,86 @@ class RealTimeSyncEngine:
         now = self.clock.now()
         for write in record.writes:
             self._lag.record(max(now - write.timestamp, 0.0), {"system": system_id})
-        pending = self._pending.get(record.dot)
-        if pending is not None and system_id in pending[1]:
-            pending[1].discard(system_id)
-            for key in dict.fromkeys(write.key for write in record.writes):
-                self._key_pending[key] -= 1
-            if not pending[1]:
-                del self._pending[record.dot]
-                self._latency.record(max(self.clock.monotonic() - pending[0], 0.0))
+        self._delivered(system_id, record)
         self._changed.set()
-        for forward in self._messages(system_id, record):
-            ctx.publish(forward)
+        return True
+
+    def _delivered(self, system_id: str, record: ChangeRecord, *, applied: bool = True) -> None:
+        """``system_id`` holds ``record`` now (or never will: ``applied=False``): it is no
+        longer waited for there."""
+        outstanding = self._pending.get(record.dot)
+        if outstanding is None or system_id not in outstanding.systems:
+            return
+        outstanding.systems.discard(system_id)
+        for key in dict.fromkeys(write.key for write in record.writes):
+            self._key_pending[key] -= 1
+        if not outstanding.systems:
+            del self._pending[record.dot]
+            if applied:
+                self._latency.record(max(self.clock.monotonic() - outstanding.since, 0.0))
+
+    # -- anti-entropy ------------------------------------------------------------------------
+
+    async def repair(self, *, older_than: float = 0.0) -> int:
+        """Apply this engine's changes that some system still has not applied, recorded at
+        least ``older_than`` seconds ago, to those systems directly (in topological order).
+
+        A delivery is normally what applies a change to a system; this is for the ones that
+        never arrive: a message dead-lettered after its retries ran out (while the store was
+        down, say), or a forward that failed after its replica had applied the change. The
+        engine calls it by itself every ``repair_after`` seconds for changes outstanding that
+        long; a late delivery of a repaired change is then a duplicate and changes nothing.
+        Returns how many (system, change) applications it made. A system it cannot repair now
+        (the store refuses the conflict record) is tried again on the next call; one whose
+        resolver raises on the change is given up, and the failure is in ``conflicts(key)``.
+        """
+        now = self.clock.monotonic()
+        due = [
+            outstanding
+            for outstanding in self._pending.values()
+            if outstanding.record is not None and outstanding.since + older_than <= now
+        ]
+        repaired = 0
+        for outstanding in due:
+            record = outstanding.record
+            assert record is not None
+            for system in [s for s in self._replicas if s in outstanding.systems]:
+                try:
+                    applied = await self._apply(system, record)
+                except ResolverFailedError:
+                    # Recorded as a FAILED conflict; waiting for it again would change nothing.
+                    self._delivered(system, record, applied=False)
+                    continue
+                if applied:
+                    repaired += 1
+                    self._repair_counter.add(1, {"system": system})
+            if self.repair_after is not None:
+                outstanding.repair_at = now + self.repair_after
+        return repaired
+
+    async def _repair_loop(self, repair_after: float) -> None:
+        """Wait for the first outstanding change to be ``repair_after`` seconds old, repair
+        what is that old, repeat; a failed repair is tried again ``repair_after`` later."""
+        while True:
+            self._repair_wanted.clear()
+            due = min(
+                (o.repair_at for o in self._pending.values() if o.record is not None),
+                default=None,
+            )
+            if due is None:
+                await self._repair_wanted.wait()
+                continue
+            wait = due - self.clock.monotonic()
+            if wait > 0:
+                await self.clock.sleep(wait)
+                continue
+            try:
+                await self.repair(older_than=repair_after)
+            except Exception as error:  # the store is down, say: the next round retries
+                log.warning("sync engine %r: repair failed (%s); retrying", self.name, error)
+                now = self.clock.monotonic()
+                for outstanding in self._pending.values():
+                    outstanding.repair_at = max(outstanding.repair_at, now + repair_after)
 
     def _fold(
         self, replica: _Replica, record: ChangeRecord, *, raise_errors: bool
@@ -728,7 +851,13 @@ class RealTimeSyncEngine:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def close(self) -> None:
-        """Stop the broker subscriptions (and the broker/runtime the engine created)."""
+        """Stop the repair task and the broker subscriptions (and the broker/runtime the
+        engine created)."""
+        if self._repairer is not None:
+            self._repairer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._repairer
+            self._repairer = None
         if self._own_broker:
             await self.broker.close()
         if self._own_runtime:
