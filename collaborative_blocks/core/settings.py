@@ -41,6 +41,13 @@ class Settings(BaseSettings):
     message_ttl_seconds: int = Field(
         3600, gt=0, description="an integer > 0: default time-to-live of messages in seconds"
     )
+    message_clock_skew_seconds: float = Field(
+        30,
+        ge=0,
+        description="a number >= 0: how far apart the clocks of two systems may be; a message "
+        "expires this many seconds after its ttl ran out by its sender's clock, so a receiver "
+        "whose clock is ahead does not drop it early",
+    )
     max_retry_attempts: int = Field(
         3, ge=0, description="an integer >= 0: redeliveries before a message is dead-lettered"
     )

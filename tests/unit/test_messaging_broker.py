@@ -30,6 +30,7 @@ from collaborative_blocks.core.messaging.broker import EVENTS_SUBJECT, inbox_sub
 from collaborative_blocks.core.messaging.envelope import encode
 from collaborative_blocks.core.messaging.transport import Delivery
 from collaborative_blocks.errors import (
+    ConfigurationError,
     DeadLetterNotFoundError,
     MessageRejectedError,
     MessagingError,
@@ -440,6 +441,43 @@ async def test_undecodable_messages_are_dead_lettered_and_consumer_keeps_serving
         DeadLetterReason.EXPIRED,
     ]
     assert seen == ["good", "also-good"]
+
+
+async def test_a_ttl_allows_for_clock_skew_between_sender_and_receiver(
+    broker: MessageBroker, clock: VirtualClock
+) -> None:
+    """The sender's clock is behind the receiver's: a message with an 8 s ttl created "20 s
+    ago" by the receiver's clock is handled (within the default 30 s allowance); one past its
+    ttl plus the allowance is dead-lettered as EXPIRED, and the detail says so."""
+    assert broker.clock_skew == 30.0
+    seen: list[str] = []
+
+    async def handler(message: Message) -> None:
+        seen.append(message.name)
+
+    await broker.subscribe("*", handler)
+    behind = Message(
+        MessageType.EVENT, "behind", source="shop", id="s1", created_at=clock.now() - 20, ttl=8
+    )
+    stale = Message(
+        MessageType.EVENT, "stale", source="shop", id="s2", created_at=clock.now() - 40, ttl=8
+    )
+    await broker.transport.publish(EVENTS_SUBJECT, encode(behind))
+    await broker.transport.publish(EVENTS_SUBJECT, encode(stale))
+    await until(clock, lambda: seen == ["behind"] and broker.dlq.added == 1)
+    [letter] = await broker.dead_letters().list()
+    assert letter.reason is DeadLetterReason.EXPIRED
+    assert "ttl of 8.0s (plus 30.0s allowed for clock skew)" in letter.detail
+
+
+async def test_clock_skew_comes_from_settings_and_must_not_be_negative(clock: VirtualClock) -> None:
+    settings = load_settings({"MESSAGE_CLOCK_SKEW_SECONDS": "2.5"})
+    assert MessageBroker(clock=clock, settings=settings).clock_skew == 2.5
+    assert MessageBroker(clock=clock, settings=settings, clock_skew=0).clock_skew == 0
+    with pytest.raises(MessagingError, match="clock_skew must be >= 0"):
+        MessageBroker(clock=clock, settings=settings, clock_skew=-1)
+    with pytest.raises(ConfigurationError, match="MESSAGE_CLOCK_SKEW_SECONDS"):
+        load_settings({"MESSAGE_CLOCK_SKEW_SECONDS": "-3"})
 
 
 # -- dead-letter queue -----------------------------------------------------------------------

@@ -580,10 +580,11 @@ class _Consumer:
         broker = self.broker
         now = broker.clock.now()
         ttl = message.ttl
-        if ttl is not None and now > message.created_at + ttl:
+        if ttl is not None and now > message.created_at + ttl + broker.clock_skew:
             await broker._dead_letter(
                 DeadLetterReason.EXPIRED,
-                f"ttl of {ttl}s ran out before {self.group!r} handled it",
+                f"ttl of {ttl}s (plus {broker.clock_skew}s allowed for clock skew) ran out "
+                f"before {self.group!r} handled it",
                 self.subject,
                 self.group,
                 self.system,
@@ -900,6 +901,9 @@ class MessageBroker:
     ``MESSAGE_BROKER_URL``, else ``memory://``) to open one from the plugins, ``store=`` for
     EXACTLY_ONCE delivery and a durable dead-letter queue. ``required_guarantees`` (default:
     the guarantees of ``default_guarantees``) are checked against the transport at start-up.
+    A message whose ``ttl`` ran out is dead-lettered (``EXPIRED``) instead of handled;
+    ``clock_skew`` (default ``MESSAGE_CLOCK_SKEW_SECONDS``, 30) is how far the sender's clock
+    may be behind the receiver's before that happens early.
     """
 
     def __init__(
@@ -920,6 +924,7 @@ class MessageBroker:
         default_guarantees: Mapping[MessageType, DeliveryGuarantee] | None = None,
         required_guarantees: Iterable[DeliveryGuarantee] | None = None,
         default_ttl: float | None = None,
+        clock_skew: float | None = None,
         tracing: bool | None = None,
         tracer_provider: trace.TracerProvider | None = None,
         meter_provider: metrics.MeterProvider | None = None,
@@ -971,6 +976,15 @@ class MessageBroker:
         self.default_ttl = (
             default_ttl if default_ttl is not None else float(self.settings.message_ttl_seconds)
         )
+        # A ttl compares the sender's clock (created_at) with the receiver's: allow for them
+        # being this far apart, or a receiver whose clock is ahead drops live messages.
+        self.clock_skew = (
+            clock_skew
+            if clock_skew is not None
+            else float(self.settings.message_clock_skew_seconds)
+        )
+        if not self.clock_skew >= 0:
+            raise MessagingError(f"clock_skew must be >= 0 seconds, got {clock_skew!r}")
         self.consumer_name = f"consumer-{random_id(self.clock.now(), self.rng)}"
         self.dlq = DeadLetterQueue(
             clock=self.clock, rng=self.rng, store=store, republish=self._republish
