@@ -1152,8 +1152,14 @@ class WorkflowCoordinationEngine:
         if run.failed_steps():
             return True
         if not any(not task.done() for task in active.steps.values()):
+            # A step task that ended with an error has not resolved its step: raise it
+            # (the driver stops; resume() continues the run) rather than read the silence
+            # as the end of the run.
+            self._reap(active)
             if run.ready_steps(active.dependencies):
                 return True  # skips made more steps ready
+            if run.in_flight():
+                return True  # a step whose task stopped early: the next round restarts it
             run.complete(output=run.outputs(), at=self.clock.now())
             await self._save(active)
             return False
@@ -1215,6 +1221,11 @@ class WorkflowCoordinationEngine:
                 await wake
             finally:
                 active.wake = None
+        self._reap(active)
+
+    @staticmethod
+    def _reap(active: _Run) -> None:
+        """Forget the step tasks that ended; raise the error of one that failed."""
         for step_id, task in list(active.steps.items()):
             if task.done():
                 del active.steps[step_id]
@@ -1763,8 +1774,14 @@ class WorkflowCoordinationEngine:
         return True
 
     async def _flush_breakers(self) -> None:
+        """Append the breakers' pending transitions. A store that refuses them now does not
+        fail the step that caused them: they stay pending, and the next flush (the next
+        attempt's, or close()) appends them, in order."""
         if self.breakers.pending():
-            await self.breakers.flush()
+            try:
+                await self.breakers.flush()
+            except StoreUnavailableError as error:
+                _log.warning("breaker transitions not stored yet, kept for later: %s", error)
 
     async def _index_finished(self, run: WorkflowRun) -> None:
         store = await self.store()

@@ -266,7 +266,12 @@ class WorkflowRun(StateMachineAggregate[RunStatus]):
     def start(self, at: float) -> None:
         self.started_at = at
 
-    @transition(source=RunStatus.RUNNING, dest=RunStatus.COMPLETED, event="Completed")
+    @transition(
+        source=RunStatus.RUNNING,
+        dest=RunStatus.COMPLETED,
+        conditions="every_step_resolved",
+        event="Completed",
+    )
     def complete(self, output: dict[str, Any], at: float) -> None:
         self.output = dict(output)
         self.finished_at = at
@@ -535,6 +540,13 @@ class WorkflowRun(StateMachineAggregate[RunStatus]):
             if steps[step_id].status is StepStatus.PENDING
             and all(steps[dep].status.resolved for dep in dependencies.get(step_id, ()))
         ]
+
+    def every_step_resolved(self) -> bool:
+        """Whether every step completed or was skipped (a run may complete only then)."""
+        return all(
+            self.steps[step_id].status in (StepStatus.COMPLETED, StepStatus.SKIPPED)
+            for step_id in self.step_ids
+        )
 
     def in_flight(self) -> list[str]:
         """Steps scheduled, running or waiting for a retry (not yet at an outcome)."""

@@ -1455,3 +1455,51 @@ async def test_a_step_whose_attempts_all_failed_in_the_handler_is_not_compensate
     assert result.steps["a"].compensation is None
     assert result.compensated == ()
     assert undone == []
+
+
+async def test_a_store_refusing_breaker_transitions_neither_stops_a_step_nor_ends_the_run(
+    world: World, clock: VirtualClock
+) -> None:
+    """Found by the orders chaos scenario: a breaker transition the store refused killed the
+    step's task, and the run was completed with that step waiting for its retry and its
+    dependent never run. The transitions stay pending and are stored later; the run ends
+    only when every step did."""
+    calls: list[str] = []
+    world.handle("system", "action", echo_calls(calls))
+    world.handle("payments", "action", echo_calls(calls))
+    breakers = BreakerRegistry(BreakerConfig(wait_duration_in_open=5.0), clock=clock)
+    engine = world.engine(breakers=breakers)
+    await engine.define_workflow(
+        WorkflowDefinition(
+            "wf",
+            "branches",
+            steps=[
+                step("a"),
+                step("b", system_target="payments", retry_policy={"max_retries": 3, "delay": 1}),
+                step("c", "b"),
+            ],
+        )
+    )
+    inner = world.store.append_many
+    refused: list[str] = []
+    down = True
+
+    async def append_many(requests: Any, *, tracking: Any = None) -> Any:
+        streams = [r.stream for r in requests]
+        if down and any(s.startswith("circuit-breaker:") for s in streams):
+            refused.extend(streams)
+            raise StoreUnavailableError("lost the connection to the store (test)")
+        return await inner(requests, tracking=tracking)
+
+    world.store.append_many = append_many  # type: ignore[method-assign]
+    breakers.get("payments").force_open()
+    result = await drive(clock, engine.execute_workflow("wf", run_id="r"))
+    assert result.succeeded, result.error
+    assert {s: result.steps[s].status for s in "abc"} == {s: StepStatus.COMPLETED for s in "abc"}
+    assert sorted(calls) == ["a", "b", "c"]
+    assert refused  # the store did refuse them
+    assert breakers.pending()  # kept, in order, for the next flush
+    down = False
+    await breakers.flush()
+    stored = await world.store.read("circuit-breaker:payments")
+    assert [json.loads(e.state)["to_state"] for e in stored][:2] == ["open", "half_open"]

@@ -11,7 +11,7 @@ from collaborative_blocks.core.workflows.run import (
     WorkflowRun,
     run_aggregate_id,
 )
-from collaborative_blocks.errors import IllegalTransitionError
+from collaborative_blocks.errors import GuardRejectedError, IllegalTransitionError
 from collaborative_blocks.stores.memory import MemoryEventStore
 
 DEPENDENCIES = {"a": (), "b": (), "c": ("a", "b"), "d": ("c",)}
@@ -129,6 +129,8 @@ def test_run_level_transitions_are_a_state_machine() -> None:
     run = new_run()
     with pytest.raises(IllegalTransitionError):
         run.finish_compensated(at=12.0)  # not compensating
+    for step_id in "abcd":
+        run.skip_step(step_id=step_id, reason="condition false", at=12.0)
     run.complete(output={}, at=12.0)
     assert run.finished
     with pytest.raises(IllegalTransitionError):
@@ -258,3 +260,24 @@ async def test_steps_of_unknown_outcome_are_compensated_first_and_keep_their_sta
     await repo.save(run)
     again = await repo.get(run_aggregate_id("r1"), WorkflowRun)
     assert again.steps == run.steps
+
+
+def test_a_run_completes_only_when_every_step_completed_or_was_skipped() -> None:
+    run = new_run()
+    complete(run, "a")
+    complete(run, "b")
+    run.schedule_step(step_id="c", at=12.0)
+    run.start_attempt(step_id="c", attempt=1, target="t", message_id="m", at=12.0)
+    run.fail_attempt(
+        step_id="c", attempt=1, error_type="Boom", error="x", duration=0.1, retry_at=20.0, at=12.0
+    )
+    recorded = len(run.pending_events)
+    with pytest.raises(GuardRejectedError, match="every_step_resolved"):
+        run.complete(output={}, at=13.0)  # c waits for a retry, d never ran
+    assert run.state is RunStatus.RUNNING
+    assert len(run.pending_events) == recorded  # nothing recorded
+    run.start_attempt(step_id="c", attempt=2, target="t", message_id="m2", at=20.0)
+    run.complete_step(step_id="c", attempt=2, output=None, duration=0.5, at=20.0)
+    run.skip_step(step_id="d", reason="condition false", at=21.0)
+    run.complete(output={}, at=21.0)
+    assert run.state is RunStatus.COMPLETED
