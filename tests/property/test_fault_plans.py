@@ -28,7 +28,7 @@ def test_every_plan_round_trips_through_its_spec(plan: FaultPlan) -> None:
     assert FaultPlan.parse(plan.spec()) == plan
 
 
-SCENARIO_PLANS = st.sampled_from(["transfers", "pipeline", "replicas"]).flatmap(
+SCENARIO_PLANS = st.sampled_from(["transfers", "pipeline", "replicas", "orders"]).flatmap(
     lambda name: st.tuples(st.just(name), fault_plans(nodes=get_scenario(name).nodes))
 )
 
