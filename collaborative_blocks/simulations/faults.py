@@ -4,7 +4,8 @@ A plan is written as a spec string of comma-separated ``name=value`` entries (``
 empty plan)::
 
     drop=0.05,duplicate=0.02,reorder=0.1,delay=0.01-2.0,partition=30s@10s,crash=0.01,
-    store_fail=0.01,slow_write=0.05:0.5,skew=2.0,handler_error=0.02,handler_hang=0.01
+    store_fail=0.01,store_read_fail=0.01,slow_write=0.05:0.5,skew=2.0,handler_error=0.02,
+    handler_hang=0.01
 
 ========================  =====================================================================
 entry                     meaning
@@ -21,6 +22,9 @@ entry                     meaning
                           lost, the durable store kept) and restarts 1..5 s later
 ``crash=T`` / ``crash=NODE@T``  a crash at simulated second T (of NODE, else a random system)
 ``store_fail=P``          a store write fails (``StoreUnavailableError``) with probability P
+``store_read_fail=P``     a store read (``read``, ``read_all``, ``stream_version``, ...,
+                          and the start of a ``subscribe``) fails (``StoreUnavailableError``)
+                          with probability P
 ``slow_write=P:S``        a store write first waits up to S seconds, with probability P
 ``skew=S``                each system's wall clock is off by up to ±S seconds
 ``handler_error=P``       a scenario handler raises with probability P
@@ -45,13 +49,22 @@ __all__ = ["CrashAt", "FaultPlan", "Partition"]
 
 #: The accepted forms, listed in every parse error.
 ACCEPTED_FORMS = (
-    "drop=P, duplicate=P, reorder=P, store_fail=P, handler_error=P, handler_hang=P "
+    "drop=P, duplicate=P, reorder=P, store_fail=P, store_read_fail=P, handler_error=P, "
+    "handler_hang=P "
     "(P a probability in [0, 1]); delay=LO-HI or delay=HI (seconds); partition=D@T "
     "(duration at start, e.g. 30s@10s); crash=R (per system per simulated second), crash=T "
     "or crash=NODE@T; slow_write=P:S; skew=S; or 'none'"
 )
 
-_PROBABILITIES = ("drop", "duplicate", "reorder", "store_fail", "handler_error", "handler_hang")
+_PROBABILITIES = (
+    "drop",
+    "duplicate",
+    "reorder",
+    "store_fail",
+    "store_read_fail",
+    "handler_error",
+    "handler_hang",
+)
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(ms|s|m|h)?\s*$")
 _NODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$")
@@ -89,6 +102,7 @@ class FaultPlan:
     crash_rate: float = 0.0
     crashes: tuple[CrashAt, ...] = ()
     store_fail: float = 0.0
+    store_read_fail: float = 0.0
     slow_write: tuple[float, float] = (0.0, 0.0)
     skew: float = 0.0
     handler_error: float = 0.0
@@ -225,8 +239,9 @@ class FaultPlan:
         for crash in self.crashes:
             when = f"{_num(crash.time)}s"
             parts.append(f"crash={crash.node}@{when}" if crash.node else f"crash={when}")
-        if self.store_fail:
-            parts.append(f"store_fail={_num(self.store_fail)}")
+        for name in ("store_fail", "store_read_fail"):
+            if getattr(self, name):
+                parts.append(f"{name}={_num(getattr(self, name))}")
         probability, seconds = self.slow_write
         if probability and seconds:
             parts.append(f"slow_write={_num(probability)}:{_num(seconds)}")

@@ -2,7 +2,7 @@
 
 - The **durable store** is one :class:`~collaborative_blocks.stores.memory.MemoryEventStore`
   (the "disk"): it survives every crash. Each node reaches it through a :class:`FaultyStore`
-  (write failures, slow writes).
+  (write failures, slow writes, read failures).
 - The **network** is one :class:`~collaborative_blocks.plugins.transports.memory.MemoryTransport`
   (the broker server, which does not crash). Each node reaches it through a
   :class:`FaultyTransport`: deliveries are dropped (redelivered after the ack timeout),
@@ -24,7 +24,7 @@ import enum
 import math
 import random
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import pluggy
@@ -48,6 +48,10 @@ from collaborative_blocks.simulations.results import History, Operation, OpType
 from collaborative_blocks.stores.base import (
     AppendRequest,
     EventStore,
+    Snapshot,
+    StoredEvent,
+    StoreStats,
+    StreamInfo,
     Tracking,
 )
 from collaborative_blocks.stores.delegating import DelegatingStore
@@ -624,10 +628,16 @@ class _FaultySubscription:
 
 
 class FaultyStore(DelegatingStore):
-    """A node's view of the durable store: write failures and slow writes from the plan.
+    """A node's view of the durable store: failures and slow writes from the plan.
 
-    Reads always work; a failed write changes nothing (it fails before the store is touched),
-    a slow write waits on the node's clock first (a crash meanwhile means it never happened).
+    A failed write changes nothing (it fails before the store is touched), a slow write waits
+    on the node's clock first (a crash meanwhile means it never happened). With
+    ``store_read_fail`` every read method of the :class:`EventStore` protocol (``read``,
+    ``read_all``, ``max_position``, ``stream_version``, ``streams``, ``stats``,
+    ``consumer_position``, ``has_processed``, ``latest_snapshot``) fails as often as the plan
+    says, before the store is touched. A subscription (``subscribe``) reads continuously; only
+    its start can fail: its first step (the first read of its catch-up) raises, what follows
+    is the inner store's own subscription, never failed.
     """
 
     def __init__(self, world: World, node: Node) -> None:
@@ -649,6 +659,99 @@ class FaultyStore(DelegatingStore):
             if world.chance("slow_write", probability):
                 await self._node.clock.sleep(world.rng("slow_write_time").uniform(0.0, seconds))
         return await self.inner.append_many(requests, tracking=tracking)
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def _read_fault(self, method: str) -> None:
+        """Raise :class:`StoreUnavailableError` if the plan fails this read (``method``)."""
+        world = self._world
+        if world.chance("store_read_fail", world.plan.store_read_fail):
+            raise StoreUnavailableError(
+                f"simulated read failure on {self._node.name!r} in {method}() "
+                "(fault plan: store_read_fail)"
+            )
+
+    async def read(
+        self,
+        stream: str,
+        *,
+        from_version: int = 0,
+        to_version: int | None = None,
+        limit: int | None = None,
+        backwards: bool = False,
+    ) -> list[StoredEvent]:
+        self._read_fault("read")
+        return await self.inner.read(
+            stream,
+            from_version=from_version,
+            to_version=to_version,
+            limit=limit,
+            backwards=backwards,
+        )
+
+    async def read_all(
+        self,
+        *,
+        from_position: int = 1,
+        to_position: int | None = None,
+        limit: int | None = None,
+        topics: Sequence[str] = (),
+    ) -> list[StoredEvent]:
+        self._read_fault("read_all")
+        return await self.inner.read_all(
+            from_position=from_position, to_position=to_position, limit=limit, topics=topics
+        )
+
+    async def max_position(self) -> int:
+        self._read_fault("max_position")
+        return await self.inner.max_position()
+
+    async def stream_version(self, stream: str) -> int:
+        self._read_fault("stream_version")
+        return await self.inner.stream_version(stream)
+
+    async def streams(self, *, prefix: str = "", limit: int = 100) -> list[StreamInfo]:
+        self._read_fault("streams")
+        return await self.inner.streams(prefix=prefix, limit=limit)
+
+    async def stats(self) -> StoreStats:
+        self._read_fault("stats")
+        return await self.inner.stats()
+
+    async def consumer_position(self, consumer: str) -> int | None:
+        self._read_fault("consumer_position")
+        return await self.inner.consumer_position(consumer)
+
+    async def has_processed(self, consumer: str, message_id: str) -> bool:
+        self._read_fault("has_processed")
+        return await self.inner.has_processed(consumer, message_id)
+
+    async def latest_snapshot(self, stream: str) -> Snapshot | None:
+        self._read_fault("latest_snapshot")
+        return await self.inner.latest_snapshot(stream)
+
+    def subscribe(
+        self, *, from_position: int = 1, topics: Sequence[str] = (), batch_size: int = 500
+    ) -> AsyncIterator[StoredEvent]:
+        inner = self.inner.subscribe(
+            from_position=from_position, topics=topics, batch_size=batch_size
+        )
+        if not self._world.plan.store_read_fail:
+            # The inner subscription itself: a plan without read faults runs exactly as before.
+            return inner
+        return self._failing_start(inner)
+
+    async def _failing_start(self, inner: AsyncIterator[StoredEvent]) -> AsyncIterator[StoredEvent]:
+        try:
+            # The subscription starts (its catch-up reads) on the first step, so that is
+            # where it fails, like the first query against a database that is down.
+            self._read_fault("subscribe")
+            async for event in inner:
+                yield event
+        finally:
+            aclose = getattr(inner, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
     async def close(self) -> None:
         # The disk outlives the node.
