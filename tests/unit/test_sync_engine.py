@@ -40,6 +40,7 @@ from collaborative_blocks.errors import (
     DuplicateSystemError,
     FutureTimestampError,
     ResolverFailedError,
+    StoreUnavailableError,
     SyncError,
     SyncSerializationError,
     TopologyError,
@@ -555,3 +556,72 @@ async def test_repair_after_must_be_positive(store: EventStore) -> None:
         engine_on(store, repair_after=0)
     with pytest.raises(SyncError, match="repair_after"):
         engine_on(store, repair_after=-5)
+
+
+async def test_a_change_refused_during_an_outage_leaves_the_replica_and_its_clock_as_they_were(
+    store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store refuses reads as well as writes (a real outage): the caller gets the write's
+    error, and the source's replica, clock included, is as before (found by the replicas
+    chaos scenario with store_read_fail: the undo re-read the log, failed, and left a value
+    that was never written visible at the source)."""
+    engine = engine_on(store, repair_after=None)
+    await chain(engine, ["a", "b"])
+    await engine.propagate_change("a", {"k": "kept"})
+    clock_before = engine.vector_clock("a")
+
+    async def refuse_write(*args: object, **kwargs: object) -> list[list[int]]:
+        raise StoreUnavailableError("write refused: the database is restarting")
+
+    async def refuse_read(*args: object, **kwargs: object) -> list[object]:
+        raise StoreUnavailableError("read refused: the database is restarting")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(store, "append_many", refuse_write)
+        patch.setattr(store, "read", refuse_read)
+        with pytest.raises(StoreUnavailableError, match="write refused"):
+            await engine.propagate_change("a", {"k": "lost"})
+    assert engine.value("a", "k") == "kept"
+    assert engine.vector_clock("a") == clock_before
+    assert await engine.ensure_consistency("k", 5)
+    assert engine.value("b", "k") == "kept"
+    await engine.close()
+
+
+async def test_conflicts_are_loaded_once_the_read_works(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restarted engine whose first read of the conflict stream fails reads it again on the
+    next call (it used to mark the stream loaded before reading it, and then never knew
+    the recorded conflicts)."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
+    store = await open_store(url)
+    engine = engine_on(store, repair_after=None)
+    await engine.register_system("a")
+    await engine.register_system("x")
+    await engine.register_system("b", ["a", "x"])
+    await engine.propagate_change("a", {"k": "from a"})
+    await engine.propagate_change("x", {"k": "from x"})
+    assert await engine.ensure_consistency("k", 5)
+    recorded = engine.conflicts("k")
+    assert recorded
+    await engine.close()
+
+    restarted = engine_on(store, repair_after=None)
+    read = store.read
+    failures = []
+
+    async def fail_once(stream: str, *args: object, **kwargs: object) -> object:
+        if stream.endswith(":conflicts") and not failures:
+            failures.append(stream)
+            raise StoreUnavailableError("read refused once")
+        return await read(stream, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "read", fail_once)
+    with pytest.raises(StoreUnavailableError):
+        await restarted.register_system("a")
+    for system, deps in [("a", []), ("x", []), ("b", ["a", "x"])]:
+        await restarted.register_system(system, deps)
+    assert restarted.conflicts("k") == recorded
+    await restarted.close()
+    await store.close()

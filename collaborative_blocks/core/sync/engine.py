@@ -132,6 +132,19 @@ class Inconsistency:
         return list(self.behind)
 
 
+def _stored_conflict(state: bytes) -> Conflict:
+    """A conflict as the conflict stream stores it."""
+    data = json.loads(state)
+    return Conflict(
+        key=data["key"],
+        resolver=data["resolver"],
+        siblings=tuple(Write.from_json(w) for w in data["siblings"]),
+        status=ConflictStatus(data["status"]),
+        resolution=data.get("resolution"),
+        error=data.get("error"),
+    )
+
+
 @dataclass
 class _Replica:
     system: str
@@ -141,6 +154,7 @@ class _Replica:
     clock: VectorClock = field(default_factory=VectorClock)
     applied: set[tuple[str, int]] = field(default_factory=set)  # dots of applied changes
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    version: int = 0  # how many changes it has applied (a change of it, in memory)
 
 
 class RealTimeSyncEngine:
@@ -429,7 +443,12 @@ class RealTimeSyncEngine:
             raise
         targets = self.downstream(source)
         keys = list(dict.fromkeys(write.key for write in writes))
-        self._commit(replica, provisional, updated)
+        # The writes' dots are taken now: the replica's clock counts them, so a concurrent
+        # change from this source is causally after this one. Its states change only once
+        # the change is in the log, so a failed append leaves nothing to undo (and needs no
+        # read of the log, which may be failing too). A dot of a failed change stays unused.
+        clock_before, replica.clock = replica.clock, clock
+        computed_at = replica.version
         outstanding = None
         if targets:
             outstanding = self._pending[provisional.dot] = _Outstanding(
@@ -450,17 +469,35 @@ class RealTimeSyncEngine:
             # The change and the conflicts it makes are one transaction.
             position = (await store.append_many(requests))[0][0]
         except BaseException:
-            # Not in the log, so it must not be in any replica: undo by rebuilding the
-            # source's replica from the log (later changes computed on top of this one
-            # carry only their own writes, so the rebuild gives their right states too).
+            # Not in the log, so in no replica, and no delivery to wait for. The dots go
+            # back too, unless a later change took dots after them meanwhile.
             if self._pending.pop(provisional.dot, None) is not None:
                 for key in keys:
                     self._key_pending[key] -= len(targets)
-            await self._rebuild(source)
+            if replica.clock is clock:
+                replica.clock = clock_before
             raise
         for conflict in fresh:
             self._remember_conflict(conflict)
         record = ChangeRecord(position, source, tuple(writes))
+        holds = True
+        if replica.version != computed_at:
+            # The replica changed during the append (a delivery, another change of this
+            # source): fold the change into what it holds now.
+            try:
+                updated, conflicts = self._compute(replica, record)
+            except ResolverFailedError as error:
+                # Logged and sent, but this replica cannot hold it: as at any replica whose
+                # resolver raises, the failure is a conflict of the key (stored with the
+                # next append).
+                log.error("sync engine %r: %s", self.name, error)
+                holds = False
+            else:
+                for conflict in conflicts:
+                    if self._remember_conflict(conflict):
+                        self._unsaved.append(conflict)  # stored with the next append
+        if holds:
+            self._commit(replica, record, updated)
         if outstanding is not None:
             outstanding.record = record
             if self.repair_after is not None:
@@ -471,15 +508,6 @@ class RealTimeSyncEngine:
         for message in self._messages(source, record):
             await self.broker.publish(message)
         return record
-
-    async def _rebuild(self, system_id: str) -> None:
-        old = self._replicas[system_id]
-        fresh = _Replica(system_id, old.dependencies, dependents=old.dependents, lock=old.lock)
-        upstream = self._upstream(old.dependencies) | {system_id}
-        for record in await self._read_changes(await self.store()):
-            if record.source in upstream:
-                self._fold(fresh, record, raise_errors=False)
-        old.states, old.clock, old.applied = fresh.states, fresh.clock, fresh.applied
 
     def _messages(self, sender: str, record: ChangeRecord) -> list[Message]:
         """One command per system that takes ``sender``'s changes."""
@@ -685,6 +713,7 @@ class RealTimeSyncEngine:
         for write in record.writes:
             replica.clock = replica.clock.merge(write.clock)
         replica.applied.add(record.dot)
+        replica.version += 1
 
     # -- conflicts -------------------------------------------------------------------------
 
@@ -734,17 +763,12 @@ class RealTimeSyncEngine:
     async def _load_conflicts(self, store: EventStore) -> None:
         if self._conflicts_loaded:
             return
+        # Loaded once, and only once the read worked: a failed read is tried again by the
+        # next caller, or conflicts(key) would miss every recorded conflict for good.
+        found = await store.read(self.conflicts_stream)
         self._conflicts_loaded = True
-        for stored in await store.read(self.conflicts_stream):
-            data = json.loads(stored.state)
-            conflict = Conflict(
-                key=data["key"],
-                resolver=data["resolver"],
-                siblings=tuple(Write.from_json(w) for w in data["siblings"]),
-                status=ConflictStatus(data["status"]),
-                resolution=data.get("resolution"),
-                error=data.get("error"),
-            )
+        for stored in found:
+            conflict = _stored_conflict(stored.state)
             ident = self._conflict_id(conflict)
             if ident not in self._conflicts_seen:
                 self._conflicts_seen.add(ident)
@@ -778,6 +802,57 @@ class RealTimeSyncEngine:
         if targets is None:
             targets = self._targets[source] = (source, *self.downstream(source))
         return targets
+
+    async def audit(self) -> list[str]:
+        """Check every replica against the change log, the truth it is a view of.
+
+        A replica must hold only changes that are in the log, and be exactly the fold of the
+        logged changes it holds (in log order: resolvers are order-independent); every
+        conflict in the conflict stream must be known to the engine (``conflicts(key)``).
+        Returns the differences found, one line each (empty: all is well). It holds at any
+        time, deliveries in flight or not: a replica that is merely behind is not a
+        difference (``inconsistency(key)`` reports those). Reads the whole log: a check for
+        tests, chaos runs and operators, not for the hot path.
+        """
+        store = await self.store()
+        records = {record.dot: record for record in await self._read_changes(store)}
+        differences: list[str] = []
+        for system, replica in self._replicas.items():
+            unknown = sorted(dot for dot in replica.applied if dot not in records)
+            if unknown:
+                differences.append(
+                    f"{system} holds {len(unknown)} change(s) that are not in the log, e.g. "
+                    f"{unknown[0][0]}@{unknown[0][1]}"
+                )
+            fresh = _Replica(system, replica.dependencies)
+            for dot, record in records.items():
+                if dot in replica.applied:
+                    self._fold(fresh, record, raise_errors=False)
+            for key in sorted(set(replica.states) | set(fresh.states)):
+                held = replica.states.get(key, _MISSING)
+                logged = fresh.states.get(key, _MISSING)
+                if held != logged:
+                    differences.append(
+                        f"{system}: {key!r} is {self._shown(key, held)} in the replica but "
+                        f"{self._shown(key, logged)} by the log"
+                    )
+        logged_conflicts = 0
+        missing = 0
+        for stored in await store.read(self.conflicts_stream):
+            logged_conflicts += 1
+            if self._conflict_id(_stored_conflict(stored.state)) not in self._conflicts_seen:
+                missing += 1
+        if missing:
+            differences.append(
+                f"{missing} of the {logged_conflicts} conflicts in {self.conflicts_stream} are "
+                "unknown to the engine (conflicts(key) misses them)"
+            )
+        return differences
+
+    def _shown(self, key: str, state: Any) -> str:
+        if state is _MISSING:
+            return "absent"
+        return repr(self.resolvers.resolver_for(key).value(state))
 
     def value(self, system_id: str, key: str) -> JSONValue:
         """``key``'s resolved value in ``system_id``'s replica (None when it has none)."""
