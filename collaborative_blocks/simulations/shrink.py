@@ -34,10 +34,6 @@ def fault_plans(
     Probabilities go up to ``max_probability``; partitions and scheduled crashes happen
     within ``horizon`` simulated seconds; a scheduled crash names one of ``nodes`` (or lets
     the seed choose). Every field shrinks to "off".
-
-    ``store_read_fail`` stays off (its default) for now: under read faults the ``replicas``
-    scenario's sync node cannot boot (``register_system`` reads the change log and nothing
-    retries it), so CI's property runs would fail on the scenario, not on a finding.
     """
     from hypothesis import strategies as st
 
@@ -58,6 +54,7 @@ def fault_plans(
         crash_rate=st.one_of(st.just(0.0), st.floats(0.0, 0.05).map(lambda r: round(r, 3))),
         crashes=st.lists(st.builds(CrashAt, seconds, node), max_size=2).map(tuple),
         store_fail=probability,
+        store_read_fail=probability,
         slow_write=st.one_of(st.just((0.0, 0.0)), st.tuples(probability, seconds)),
         skew=st.one_of(st.just(0.0), seconds),
         handler_error=probability,
@@ -107,7 +104,15 @@ def _simpler(plan: FaultPlan) -> list[FaultPlan]:
         out.append(
             dataclasses.replace(plan, crashes=plan.crashes[:index] + plan.crashes[index + 1 :])
         )
-    for name in ("drop", "duplicate", "reorder", "store_fail", "handler_error", "handler_hang"):
+    for name in (
+        "drop",
+        "duplicate",
+        "reorder",
+        "store_fail",
+        "store_read_fail",
+        "handler_error",
+        "handler_hang",
+    ):
         value = getattr(plan, name)
         if value > 0.001:
             out.append(dataclasses.replace(plan, **{name: round(value / 2, 4)}))

@@ -217,3 +217,33 @@ def test_witnesses_shrink_to_the_operations_the_checker_needs() -> None:
     assert [op.f for op in smaller.witness] == ["read"]  # the read alone shows a double credit
     ops = list(bad)
     assert minimise_witness(ops, lambda chosen: ops[3] in chosen) == (ops[3],)
+
+
+def test_replica_checkers_catch_a_failed_write_that_is_visible_and_a_log_mismatch() -> None:
+    agreed = {
+        "east": "east-0",
+        "west": "west-1",
+        "hub-1": "west-1",
+        "hub-2": "west-1",
+        "archive": "west-1",
+    }
+    history = _replica_history(agreed)
+    failed = {"system": "east", "key": "lww.a", "value": "east-2"}
+    history.append(5, "client-east", OpType.INVOKE, "write", failed)
+    history.append(5, "client-east", OpType.FAIL, "write", failed, "StoreUnavailableError: down")
+    assert replicas.check_no_invented_value(history, {}) == []  # nobody holds east-2
+    history = _replica_history({**agreed, "east": "east-2"})
+    history.append(5, "client-east", OpType.INVOKE, "write", failed)
+    history.append(5, "client-east", OpType.FAIL, "write", failed, "StoreUnavailableError: down")
+    (violation,) = replicas.check_no_invented_value(history, {})
+    assert "east-2" in violation.message
+    assert "whose write failed" in violation.message
+    assert violation.witness[0].type is OpType.FAIL
+    assert replicas.check_matches_log(_replica_history(agreed), {}) == []
+    audited = History()
+    audited.append(
+        9, "checker", OpType.OK, "read", {"values": {}, "consistent": {}, "audit": ["hub-1: x"]}
+    )
+    (violation,) = replicas.check_matches_log(audited, {})
+    assert violation.invariant == "matches_log"
+    assert "hub-1: x" in violation.message

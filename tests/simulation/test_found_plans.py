@@ -29,6 +29,29 @@ FOUND: list[tuple[str, int, str, str]] = [
         "sync delivery dead-lettered at a hub and its forward never sent",
     ),
     (
+        "replicas",
+        2,
+        "store_fail=0.2,store_read_fail=0.5",
+        # A change the store refused was undone by re-reading the log, which failed too: the
+        # source's replica kept a value that was never written. Its states now change only
+        # once the change is in the log (nothing to undo, no read needed).
+        "a refused change stayed visible at its source",
+    ),
+    (
+        "replicas",
+        8,
+        "crash=0.05,store_read_fail=0.5",
+        # A restarted engine marked its conflicts loaded before the read that loads them;
+        # the read failed and conflicts(key) missed every recorded conflict for good.
+        "recorded conflicts never loaded after a failed read",
+    ),
+    (
+        "replicas",
+        10,
+        "store_read_fail=0.05",
+        "the sync node could not boot when a registration's read failed",
+    ),
+    (
         "orders",
         5776,
         "store_fail=0.05,skew=13.15,handler_error=0.188",

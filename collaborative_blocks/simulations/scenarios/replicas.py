@@ -11,7 +11,11 @@ Invariants:
 
 - ``converged``: once settled, every system that receives both writers holds the same value
   of every key, and the engine finds no inconsistency;
-- ``no_invented_value``: every value a replica holds was written by some client.
+- ``no_invented_value``: every value a replica holds was written by some client, by a write
+  that did not definitely fail (the store refused it: it is in no log, so in no replica);
+- ``matches_log``: every replica is exactly the fold of the logged changes it holds, holds
+  nothing the log lacks, and the engine knows every logged conflict
+  (:meth:`RealTimeSyncEngine.audit`): the views agree with the one log.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ class ReplicasScenario(Scenario):
         "drop=0.05,duplicate=0.05,reorder=0.2,delay=0.01-0.5,partition=5s@3s,crash=0.02,"
         "store_fail=0.02"
     )
-    invariants = ("converged", "no_invented_value", "liveness")
+    invariants = ("converged", "no_invented_value", "matches_log", "liveness")
     required_coverage = ("partition", "redelivery")
     nodes = ("sync",)
     systems = tuple(system for system, _ in TOPOLOGY)
@@ -81,7 +85,15 @@ class ReplicasScenario(Scenario):
             runtime, store=node.store, broker=node.broker, resolvers=resolvers, clock=node.clock
         )
         for system, dependencies in TOPOLOGY:
-            await engine.register_system(system, dependencies)
+            # Registration reads the log; the store may refuse a read now and then. A failed
+            # registration registers nothing: try it again, as a supervisor would.
+            while True:
+                try:
+                    await engine.register_system(system, dependencies)
+                except StoreUnavailableError:
+                    await node.clock.sleep(0.2)
+                    continue
+                break
         node.state["engine"] = engine
 
     @staticmethod
@@ -152,6 +164,8 @@ class ReplicasScenario(Scenario):
                     for key in KEYS
                 },
                 "consistent": {key: engine.inconsistency(key) is None for key in KEYS},
+                # Read after the faults healed: the store answers.
+                "audit": await engine.audit(),
             }
         world.record("checker", OpType.OK, "read", value)
         return value
@@ -160,6 +174,7 @@ class ReplicasScenario(Scenario):
         return (
             FunctionChecker("converged", check_converged),
             FunctionChecker("no_invented_value", check_no_invented_value),
+            FunctionChecker("matches_log", check_matches_log),
         )
 
 
@@ -207,16 +222,48 @@ def check_no_invented_value(history: History, facts: Mapping[str, Any]) -> list[
         for op in history
         if op.f == "write" and op.type is OpType.INVOKE and isinstance(op.value, Mapping)
     }
+    # Every client writes a value of its own, so a value identifies its write.
+    failed = {
+        op.value.get("value"): op
+        for op in history
+        if op.f == "write" and op.type is OpType.FAIL and isinstance(op.value, Mapping)
+    }
     for key, values in sorted(state["values"].items()):
         for system, value in sorted(values.items()):
             # An unresolved vector-clock key holds its concurrent siblings as a list.
-            held = value if isinstance(value, list) else [value]
-            if any(v is not None and v not in written for v in held):
-                violations.append(
-                    Violation(
-                        "no_invented_value",
-                        f"{system} holds {value!r} for {key!r}, which no client wrote",
-                        (read,),
+            for held in value if isinstance(value, list) else [value]:
+                if held is None:
+                    continue
+                if held not in written:
+                    violations.append(
+                        Violation(
+                            "no_invented_value",
+                            f"{system} holds {value!r} for {key!r}, which no client wrote",
+                            (read,),
+                        )
                     )
-                )
+                elif held in failed:
+                    violations.append(
+                        Violation(
+                            "no_invented_value",
+                            f"{system} holds {held!r} for {key!r}, whose write failed "
+                            f"({failed[held].error})",
+                            (failed[held], read),
+                        )
+                    )
     return violations
+
+
+def check_matches_log(history: History, facts: Mapping[str, Any]) -> list[Violation]:
+    found = reads(history)
+    if not found:
+        return []
+    read = found[-1]
+    state: Any = read.value
+    differences = state.get("audit") or []
+    if not differences:
+        return []
+    shown = "; ".join(differences[:5])
+    more = f" (and {len(differences) - 5} more)" if len(differences) > 5 else ""
+    message = f"replicas differ from the change log: {shown}{more}"
+    return [Violation("matches_log", message, (read,))]
