@@ -3,9 +3,9 @@
 A plan is written as a spec string of comma-separated ``name=value`` entries (``none`` is the
 empty plan)::
 
-    drop=0.05,duplicate=0.02,reorder=0.1,delay=0.01-2.0,partition=30s@10s,crash=0.01,
-    store_fail=0.01,store_read_fail=0.01,slow_write=0.05:0.5,skew=2.0,handler_error=0.02,
-    handler_hang=0.01
+    drop=0.05,duplicate=0.02,reorder=0.1,delay=0.01-2.0,partition=30s@10s,publish_fail=0.01,
+    fetch_fail=0.01,crash=0.01,store_fail=0.01,store_read_fail=0.01,slow_write=0.05:0.5,
+    skew=2.0,handler_error=0.02,handler_hang=0.01
 
 ========================  =====================================================================
 entry                     meaning
@@ -18,6 +18,10 @@ entry                     meaning
 ``delay=LO-HI``           every published message travels LO..HI seconds (``delay=HI``: 0..HI)
 ``partition=D@T``         at simulated second T the systems split in two halves for D seconds,
                           then heal; repeat the entry for several partitions
+``publish_fail=P``        a publish fails (``TransportUnavailableError``) with probability P,
+                          before the message enters the network: nothing is sent
+``fetch_fail=P``          a consumer's fetch fails (``TransportUnavailableError``) with
+                          probability P, before anything is taken from the network
 ``crash=R``               each system crashes at rate R per simulated second (in-memory state
                           lost, the durable store kept) and restarts 1..5 s later
 ``crash=T`` / ``crash=NODE@T``  a crash at simulated second T (of NODE, else a random system)
@@ -49,8 +53,8 @@ __all__ = ["CrashAt", "FaultPlan", "Partition"]
 
 #: The accepted forms, listed in every parse error.
 ACCEPTED_FORMS = (
-    "drop=P, duplicate=P, reorder=P, store_fail=P, store_read_fail=P, handler_error=P, "
-    "handler_hang=P "
+    "drop=P, duplicate=P, reorder=P, publish_fail=P, fetch_fail=P, store_fail=P, "
+    "store_read_fail=P, handler_error=P, handler_hang=P "
     "(P a probability in [0, 1]); delay=LO-HI or delay=HI (seconds); partition=D@T "
     "(duration at start, e.g. 30s@10s); crash=R (per system per simulated second), crash=T "
     "or crash=NODE@T; slow_write=P:S; skew=S; or 'none'"
@@ -60,6 +64,8 @@ _PROBABILITIES = (
     "drop",
     "duplicate",
     "reorder",
+    "publish_fail",
+    "fetch_fail",
     "store_fail",
     "store_read_fail",
     "handler_error",
@@ -99,6 +105,8 @@ class FaultPlan:
     reorder: float = 0.0
     delay: tuple[float, float] = (0.0, 0.0)
     partitions: tuple[Partition, ...] = ()
+    publish_fail: float = 0.0
+    fetch_fail: float = 0.0
     crash_rate: float = 0.0
     crashes: tuple[CrashAt, ...] = ()
     store_fail: float = 0.0
@@ -234,6 +242,9 @@ class FaultPlan:
         if high > 0:
             parts.append(f"delay={_num(low)}-{_num(high)}")
         parts.extend(f"partition={_num(p.duration)}s@{_num(p.start)}s" for p in self.partitions)
+        for name in ("publish_fail", "fetch_fail"):
+            if getattr(self, name):
+                parts.append(f"{name}={_num(getattr(self, name))}")
         if self.crash_rate:
             parts.append(f"crash={_num(self.crash_rate)}")
         for crash in self.crashes:
@@ -261,7 +272,15 @@ class FaultPlan:
 
     @property
     def network_faults(self) -> bool:
-        return bool(self.drop or self.duplicate or self.reorder or self.delay[1] or self.partitions)
+        return bool(
+            self.drop
+            or self.duplicate
+            or self.reorder
+            or self.delay[1]
+            or self.partitions
+            or self.publish_fail
+            or self.fetch_fail
+        )
 
     def healed(self) -> FaultPlan:
         """The plan of the liveness phase: nothing new is injected (skew stays: it is a

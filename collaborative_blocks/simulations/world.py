@@ -6,7 +6,9 @@
 - The **network** is one :class:`~collaborative_blocks.plugins.transports.memory.MemoryTransport`
   (the broker server, which does not crash). Each node reaches it through a
   :class:`FaultyTransport`: deliveries are dropped (redelivered after the ack timeout),
-  duplicated, delayed and reordered, and cut between the two halves of a partition.
+  duplicated, delayed and reordered, and cut between the two halves of a partition; the
+  node's connection to it fails now and then (``publish_fail``, ``fetch_fail``), as when
+  Redis or NATS is briefly unreachable.
 - A **node** runs the real framework: its own :class:`MessageBroker` on its own (skewed)
   clock and seeded RNG, plus whatever the scenario starts on it in ``start_node``. A crash
   cancels every task the node created and drops its in-memory state; a restart builds a new
@@ -40,7 +42,11 @@ from collaborative_blocks.core.messaging.transport import Delivery, Subscription
 from collaborative_blocks.core.plugins import make_plugin_manager
 from collaborative_blocks.core.settings import Settings, load_settings
 from collaborative_blocks.core.sync.resolvers import ResolverRegistry
-from collaborative_blocks.errors import SimulationError, StoreUnavailableError
+from collaborative_blocks.errors import (
+    SimulationError,
+    StoreUnavailableError,
+    TransportUnavailableError,
+)
 from collaborative_blocks.plugins.transports.memory import MemoryTransport
 from collaborative_blocks.simulations.faults import FaultPlan
 from collaborative_blocks.simulations.loop import CURRENT_NODE, SimClock, SimulationLoop
@@ -531,7 +537,14 @@ class World:
 
 
 class FaultyTransport:
-    """A node's view of the network: the shared memory transport, with the plan's faults."""
+    """A node's view of the network: the shared memory transport, with the plan's faults.
+
+    The network server itself never crashes, but the node's connection to it does fail
+    for a moment: with ``publish_fail`` a publish raises :class:`TransportUnavailableError`
+    before the message enters the network (nothing is sent, as when Redis or NATS refuses
+    the connection), and with ``fetch_fail`` a consumer's fetch raises it before anything
+    is taken from the network (nothing is delivered, nothing changes in the group).
+    """
 
     def __init__(self, world: World, node: Node) -> None:
         self._world = world
@@ -549,6 +562,11 @@ class FaultyTransport:
         world = self._world
         if world.faults_active:
             plan = world.plan
+            if world.chance("publish_fail", plan.publish_fail):
+                raise TransportUnavailableError(
+                    f"simulated publish failure on {self._node.name!r} to {subject!r} "
+                    "(fault plan: publish_fail)"
+                )
             delay = 0.0
             low, high = plan.delay
             if high:
@@ -575,7 +593,7 @@ class FaultyTransport:
             subject, group=group, consumer=consumer, ack_timeout=ack_timeout, prefetch=prefetch
         )
         system = self._world.scenario.consumer_system(group, self._node.name)
-        return _FaultySubscription(self._world, inner, system)
+        return _FaultySubscription(self._world, inner, system, self._node.name)
 
     async def close(self) -> None:
         # The network belongs to the world; a node closing its broker only leaves it.
@@ -583,15 +601,22 @@ class FaultyTransport:
 
 
 class _FaultySubscription:
-    __slots__ = ("_inner", "_system", "_world")
+    __slots__ = ("_inner", "_node", "_system", "_world")
 
-    def __init__(self, world: World, inner: Subscription, system: str) -> None:
+    def __init__(self, world: World, inner: Subscription, system: str, node: str) -> None:
         self._world = world
         self._inner = inner
         self._system = system
+        self._node = node
 
     async def fetch(self, max_messages: int) -> Sequence[Delivery]:
         world = self._world
+        if world.chance("fetch_fail", world.plan.fetch_fail):
+            # Before the inner fetch: nothing is taken from the group, nothing is lost.
+            raise TransportUnavailableError(
+                f"simulated fetch failure on {self._node!r} for {self._system!r} "
+                "(fault plan: fetch_fail)"
+            )
         while True:
             deliveries = await self._inner.fetch(max_messages)
             if not deliveries:
