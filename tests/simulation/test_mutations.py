@@ -20,7 +20,7 @@ PACKAGE = "collaborative_blocks.testing.mutants"
 #: mutant -> the invariants that may catch it (a violation of another one is a wrong catch).
 EXPECTED = {
     "forgetful_inbox": {"no_double_apply", "conservation", "transfer_completes", "liveness"},
-    "noncommutative_resolver": {"converged"},
+    "noncommutative_resolver": {"converged", "matches_log"},
     "skipped_compensation": {"saga_atomicity", "money_conserved"},
     "early_ack_transport": {"no_lost_message", "accounting", "liveness"},
     "lossy_store": {"conservation", "transfer_completes", "no_double_apply", "liveness"},
