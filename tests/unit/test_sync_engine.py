@@ -44,6 +44,7 @@ from collaborative_blocks.errors import (
     SyncError,
     SyncSerializationError,
     TopologyError,
+    TransportUnavailableError,
     UnknownDependencyError,
     UnknownNodeError,
     UnknownSystemError,
@@ -625,3 +626,32 @@ async def test_conflicts_are_loaded_once_the_read_works(
     assert restarted.conflicts("k") == recorded
     await restarted.close()
     await store.close()
+
+
+async def test_a_recorded_change_whose_sending_fails_is_returned_and_repaired_at_once() -> None:
+    """The transport refuses the publish after the change is in the log: the change
+    happened, so propagate_change returns it, and the repair applies it downstream without
+    waiting repair_after (found with the chaos simulator's publish_fail fault: the caller
+    was told the write failed although it was recorded)."""
+    clock = VirtualClock()
+    engine = engine_on(MemoryEventStore(), clock, repair_after=30)
+    await chain(engine, ["a", "b", "c"])
+    publish = engine.broker.publish
+    refused: list[str] = []
+
+    async def refuse(message: Message) -> Message:
+        refused.append(message.name)
+        raise TransportUnavailableError("the broker's server is restarting")
+
+    engine.broker.publish = refuse  # type: ignore[method-assign]
+    started = clock.now()
+    record = await engine.propagate_change("a", {"k": "v"})
+    assert refused
+    assert record.change_id > 0
+    engine.broker.publish = publish  # type: ignore[method-assign]
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert clock.now() == started  # repaired at once, not repair_after later
+    assert [engine.value(s, "k") for s in "abc"] == ["v", "v", "v"]
+    assert engine.inconsistency("k") is None
+    await engine.close()

@@ -398,8 +398,10 @@ class RealTimeSyncEngine:
         ``max_clock_skew`` ahead, :class:`~collaborative_blocks.errors.UnknownNodeError` for
         a ``seen`` clock naming an unregistered system, another
         :class:`~collaborative_blocks.errors.ResolverError` for a write a resolver refuses,
-        :class:`ResolverFailedError` when a resolver raises; in each case nothing is written
-        and no replica changes.
+        :class:`ResolverFailedError` when a resolver raises, or the store's error when it
+        refuses the append; in each case nothing is written and no replica changes. Once the
+        change is in the log it is returned, even if sending it to the dependents fails (the
+        transport is down): the repair applies it to them at once (see :meth:`repair`).
         """
         replica = self._require(source)
         if not isinstance(change_data, Mapping) or not change_data:
@@ -505,8 +507,23 @@ class RealTimeSyncEngine:
                 self._repair_wanted.set()
         self._index(record)
         self._changed.set()
-        for message in self._messages(source, record):
-            await self.broker.publish(message)
+        try:
+            for message in self._messages(source, record):
+                await self.broker.publish(message)
+        except Exception as error:
+            # The change is in the log and its source's replica: it happened. Delivering it
+            # is the engine's job from here (an outbox): the repair applies it to the
+            # systems still missing it, now rather than repair_after from now.
+            log.warning(
+                "sync engine %r: change %s is recorded but could not be sent (%s); the "
+                "repair applies it downstream",
+                self.name,
+                record.change_id,
+                error,
+            )
+            if outstanding is not None and self.repair_after is not None:
+                outstanding.repair_at = self.clock.monotonic()
+                self._repair_wanted.set()
         return record
 
     def _messages(self, sender: str, record: ChangeRecord) -> list[Message]:
@@ -609,11 +626,16 @@ class RealTimeSyncEngine:
         resolver raises on the change is given up, and the failure is in ``conflicts(key)``.
         """
         now = self.clock.monotonic()
-        due = [
-            outstanding
-            for outstanding in self._pending.values()
-            if outstanding.record is not None and outstanding.since + older_than <= now
-        ]
+        return await self._repair(
+            [
+                outstanding
+                for outstanding in self._pending.values()
+                if outstanding.record is not None and outstanding.since + older_than <= now
+            ]
+        )
+
+    async def _repair(self, due: list[_Outstanding]) -> int:
+        now = self.clock.monotonic()
         repaired = 0
         for outstanding in due:
             record = outstanding.record
@@ -633,8 +655,9 @@ class RealTimeSyncEngine:
         return repaired
 
     async def _repair_loop(self, repair_after: float) -> None:
-        """Wait for the first outstanding change to be ``repair_after`` seconds old, repair
-        what is that old, repeat; a failed repair is tried again ``repair_after`` later."""
+        """Wait for the first outstanding change to be due (``repair_after`` seconds old, or
+        at once when its sending failed), repair what is due, repeat; a failed repair is
+        tried again ``repair_after`` later."""
         while True:
             self._repair_wanted.clear()
             due = min(
@@ -644,12 +667,25 @@ class RealTimeSyncEngine:
             if due is None:
                 await self._repair_wanted.wait()
                 continue
-            wait = due - self.clock.monotonic()
-            if wait > 0:
-                await self.clock.sleep(wait)
+            now = self.clock.monotonic()
+            if due > now:
+                # Until then, or until a change is due sooner (its sending failed).
+                timer = asyncio.ensure_future(self.clock.sleep(due - now))
+                wanted = asyncio.ensure_future(self._repair_wanted.wait())
+                try:
+                    await asyncio.wait({timer, wanted}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    timer.cancel()
+                    wanted.cancel()
                 continue
             try:
-                await self.repair(older_than=repair_after)
+                await self._repair(
+                    [
+                        o
+                        for o in self._pending.values()
+                        if o.record is not None and o.repair_at <= now
+                    ]
+                )
             except Exception as error:  # the store is down, say: the next round retries
                 log.warning("sync engine %r: repair failed (%s); retrying", self.name, error)
                 now = self.clock.monotonic()
