@@ -26,7 +26,11 @@ from collaborative_blocks.core.messaging import (
     SystemConnector,
     TransportCapabilities,
 )
-from collaborative_blocks.core.messaging.broker import EVENTS_SUBJECT, inbox_subject
+from collaborative_blocks.core.messaging.broker import (
+    EVENTS_SUBJECT,
+    OUTBOX_SEND_ATTEMPTS,
+    inbox_subject,
+)
 from collaborative_blocks.core.messaging.envelope import encode
 from collaborative_blocks.core.messaging.transport import Delivery
 from collaborative_blocks.errors import (
@@ -369,6 +373,61 @@ async def test_exactly_once_retry_after_failure_commits_once(
     await until(clock, lambda: any(r[0] == message.id for r in broker._receipts))
     assert broker.store is not None
     assert len(await broker.store.read("account-2")) == 1
+
+
+def refuse_sends(broker: MessageBroker, name: str, times: int) -> list[str]:
+    """Make the broker's transport refuse the first ``times`` sends of messages ``name``."""
+    publish = broker.publish
+    refused: list[str] = []
+
+    async def flaky(message: Message) -> Message:
+        if message.name == name and len(refused) < times:
+            refused.append(message.id)
+            raise TransportUnavailableError("the broker's server is restarting (test)")
+        return await publish(message)
+
+    broker.publish = flaky  # type: ignore[method-assign]
+    return refused
+
+
+@pytest.mark.parametrize(
+    ("guarantee", "handler_runs"),
+    [(DeliveryGuarantee.EXACTLY_ONCE, 1), (DeliveryGuarantee.AT_LEAST_ONCE, 2)],
+)
+async def test_a_handled_message_whose_outbox_cannot_be_sent_is_given_back_not_dead_lettered(
+    broker: MessageBroker, clock: VirtualClock, guarantee: DeliveryGuarantee, handler_runs: int
+) -> None:
+    """The handler succeeded and its effects are committed, but the transport refuses what it
+    published, more often than the in-place retries: the delivery goes back unacknowledged.
+    EXACTLY_ONCE: the redelivery finds the message processed and resends the stored outbox;
+    AT_LEAST_ONCE: the handler runs again. Neither is a failed attempt, nothing is
+    dead-lettered (found with the chaos simulator's publish_fail fault: a debit committed,
+    its credit dead-lettered with the message, and money went missing)."""
+    runs = 0
+    credits: list[str] = []
+
+    async def debit(message: Message, ctx: MessageContext) -> None:
+        nonlocal runs
+        runs += 1
+        ctx.append("account-a", [NewEvent("Debited", b"{}")])
+        ctx.publish(event("credit", {"amount": 5}, guarantee=guarantee, id="credit-1"))
+
+    async def credit(message: Message) -> None:
+        credits.append(message.id)
+
+    await broker.subscribe("debit", debit, group="bank-a")
+    await broker.subscribe("credit", credit, group="bank-b")
+    refused = refuse_sends(broker, "credit", times=OUTBOX_SEND_ATTEMPTS + 2)
+    await broker.publish(event("debit", guarantee=guarantee))
+    await until(clock, lambda: bool(credits))
+    for _ in range(40):
+        await clock.advance(0.05)
+    assert len(refused) == OUTBOX_SEND_ATTEMPTS + 2
+    assert runs == handler_runs
+    assert credits == ["credit-1"]
+    assert broker.dlq.added == 0
+    assert broker.store is not None
+    assert len(await broker.store.read("account-a")) == handler_runs
 
 
 async def test_exactly_once_needs_a_store_at_start_up(clock: VirtualClock) -> None:

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from opentelemetry import metrics, trace
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
 from collaborative_blocks.core.clock import Clock, SystemClock
 from collaborative_blocks.core.messaging.deadletters import (
@@ -79,7 +80,9 @@ from collaborative_blocks.errors import (
     MessagingError,
     NoRouteError,
     PluginError,
+    PublishTimeoutError,
     RejectionReason,
+    TransportUnavailableError,
     UnknownSchemeError,
     UnsupportedGuaranteeError,
 )
@@ -161,6 +164,19 @@ class DeliveryReceipt:
     status: str
     attempts: int
     at: float
+
+
+#: Sends of a handler's outbox refused by the transport are tried this many times in place
+#: (the retry policy's delays, on the broker's clock) before the delivery goes back.
+OUTBOX_SEND_ATTEMPTS = 3
+_TRANSIENT_SEND_ERRORS = (TransportUnavailableError, PublishTimeoutError)
+
+
+class _OutboxNotSent(Exception):
+    """The handler succeeded and its effects are committed, but the transport refused what
+    it published: not a failure of the handler, so not one of its attempts. The delivery
+    goes back unacknowledged; its redelivery resends the stored outbox (EXACTLY_ONCE) or
+    runs the handler again (AT_LEAST_ONCE, which allows that)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -540,6 +556,10 @@ class _Consumer:
                 await self._handle(worker, delivery, message)
             except asyncio.CancelledError:
                 raise
+            except _OutboxNotSent as error:
+                log.warning("consumer %s gives message %s back: %s", self.group, message.id, error)
+                with contextlib.suppress(Exception):
+                    await delivery.nack(self.broker.retry.base_delay)
             except Exception:
                 # The broker's own bookkeeping failed (e.g. the store went away while
                 # dead-lettering): give the message back rather than lose it.
@@ -657,8 +677,32 @@ class _Consumer:
         await broker.store.append_many(
             requests, tracking=Tracking(self.group, message_id=message.id)
         )
+        await self._send(outgoing)
+
+    async def _send(self, outgoing: Sequence[Message]) -> None:
+        """Send what a handler published, once its effects are committed. A send the
+        transport refuses (it is restarting, say) is tried again in place; if it still
+        refuses, :class:`_OutboxNotSent` gives the delivery back instead of charging the
+        handler an attempt (a dead letter for a message that was handled would be wrong)."""
+        if not outgoing:
+            return
+        broker = self.broker
+        retrying = AsyncRetrying(
+            sleep=broker.clock.sleep,
+            stop=stop_after_attempt(OUTBOX_SEND_ATTEMPTS),
+            wait=lambda state: broker.retry.delay(state.attempt_number, broker.rng),
+            retry=retry_if_exception_type(_TRANSIENT_SEND_ERRORS),
+            reraise=True,
+        )
         for sent in outgoing:
-            await broker.publish(sent)
+            try:
+                async for attempt in retrying:
+                    with attempt:
+                        await broker.publish(sent)
+            except _TRANSIENT_SEND_ERRORS as error:
+                raise _OutboxNotSent(
+                    f"message {sent.id} published by the handler could not be sent: {error}"
+                ) from error
 
     async def _resend_outbox(self, message: Message) -> None:
         """A duplicate of an EXACTLY_ONCE message: send what its first handling committed."""
@@ -746,8 +790,13 @@ class _Consumer:
                         assert broker.store is not None
                         await broker.store.append_many(ctx._requests)
                     if ctx._outbox:
-                        for outgoing in ctx._outbox:
-                            await broker.publish(outgoing)
+                        await self._send(ctx._outbox)
+            except _OutboxNotSent:
+                if recorded and history is not None:
+                    # The handler succeeded: this attempt is not lost, and not failed.
+                    with contextlib.suppress(Exception):
+                        await close_attempts(history, self.group, message.id)
+                raise
             except DuplicateMessageError:
                 if guarantee is not DeliveryGuarantee.AT_MOST_ONCE:
                     await self._resend_outbox(message)
