@@ -107,9 +107,11 @@ from collaborative_blocks.errors import (
     CircuitOpenError,
     ConcurrencyError,
     ConditionError,
+    PublishTimeoutError,
     QueryTimeoutError,
     RemoteHandlerError,
     StoreUnavailableError,
+    TransportUnavailableError,
     UnknownRunError,
     UnknownWorkflowError,
     WorkflowError,
@@ -121,6 +123,7 @@ __all__ = [
     "INTERRUPTED",
     "RUN_FINISHED_TOPIC",
     "RUN_REGISTERED_TOPIC",
+    "SEND_FAILED",
     "STORE_RETRY_ATTEMPTS",
     "AppliedRule",
     "CompensationResult",
@@ -142,7 +145,10 @@ RUN_FINISHED_TOPIC = "collaborative_blocks.workflows:RunFinished"
 #: The error type of an attempt (or compensation) that was in flight when its process died.
 INTERRUPTED = "Interrupted"
 #: Error types the engine itself gives attempts (not the target's errors).
-_ENGINE_ERRORS = frozenset({INTERRUPTED, "CircuitOpenError"})
+#: The command could not be handed to the transport (it was down): this process's trouble,
+#: not the target's, so it never counts against the target's breaker.
+SEND_FAILED = "TransportUnavailableError"
+_ENGINE_ERRORS = frozenset({INTERRUPTED, "CircuitOpenError", SEND_FAILED})
 _propagator = TraceContextTextMapPropagator()
 # How many durations per (workflow, step) feed STEP_SLOWER_THAN's median of previous runs.
 _DURATIONS_KEPT = 5
@@ -1399,6 +1405,8 @@ class WorkflowCoordinationEngine:
                     error_type, detail = error.remote_type, error.detail
                 except QueryTimeoutError as error:
                     error_type, detail = "Timeout", str(error)
+                except (TransportUnavailableError, PublishTimeoutError) as error:
+                    error_type, detail = SEND_FAILED, str(error)
                 except Exception as error:
                     error_type, detail = type(error).__name__, str(error)
                 duration = self.clock.monotonic() - began
@@ -1406,7 +1414,10 @@ class WorkflowCoordinationEngine:
                     breaker.on_success(duration)
                     span.set_attribute("cb.workflow.outcome", "completed")
                 else:
-                    breaker.on_error(duration, error_type)
+                    if error_type == SEND_FAILED:
+                        breaker.release()  # no call reached the target: not its failure
+                    else:
+                        breaker.on_error(duration, error_type)
                     span.set_status(Status(StatusCode.ERROR, f"{error_type}: {detail}"))
                 self._note_breakers(active, step_id, target, since)
         if error_type is not None:

@@ -61,10 +61,11 @@ RUN_NAMESPACE = uuid.UUID("0b6c7f3e-6d1f-5c1e-9a59-5f0c2f1d7a11")
 
 
 #: Error types of attempts whose effect on the target is unknown: no reply in time (the
-#: command may still run) or in flight when the engine's process stopped. A step with such an
+#: command may still run), in flight when the engine's process stopped, or refused by the
+#: transport (it may have taken the command before failing). A step with such an
 #: attempt that did not complete is compensated when its run compensates (saga atomicity);
 #: any other error is the target's definite answer (it did not apply the command).
-UNCERTAIN_ERRORS = frozenset({"Timeout", "Interrupted"})
+UNCERTAIN_ERRORS = frozenset({"Timeout", "Interrupted", "TransportUnavailableError"})
 #: Why a step is compensated (the ``reason`` of its CompensationStarted events).
 COMPLETED = "completed"
 OUTCOME_UNKNOWN = "outcome unknown"

@@ -37,6 +37,7 @@ from collaborative_blocks.core.workflows import (
 )
 from collaborative_blocks.core.workflows.breakers import BreakerState
 from collaborative_blocks.core.workflows.engine import (
+    SEND_FAILED,
     STORE_RETRY_ATTEMPTS,
     breaker_route,
     retry_due,
@@ -46,6 +47,7 @@ from collaborative_blocks.core.workflows.engine import (
 from collaborative_blocks.core.workflows.run import run_aggregate_id
 from collaborative_blocks.errors import (
     StoreUnavailableError,
+    TransportUnavailableError,
     UnknownRunError,
     UnknownWorkflowError,
     WorkflowDefinitionError,
@@ -1503,3 +1505,49 @@ async def test_a_store_refusing_breaker_transitions_neither_stops_a_step_nor_end
     await breakers.flush()
     stored = await world.store.read("circuit-breaker:payments")
     assert [json.loads(e.state)["to_state"] for e in stored][:2] == ["open", "half_open"]
+
+
+async def test_a_send_the_transport_refuses_is_retried_and_never_charged_to_the_target(
+    world: World, clock: VirtualClock
+) -> None:
+    """The broker's server is down for a moment: the step's command never leaves this process.
+    That is the engine's trouble, not the target's: the step retries even though its
+    retry_on names only the target's errors, and the target's breaker counts nothing (found
+    with the chaos simulator's publish_fail fault: healthy targets' breakers opened)."""
+    calls: list[str] = []
+    world.handle("payments", "action", echo_calls(calls))
+    breakers = BreakerRegistry(
+        BreakerConfig(minimum_number_of_calls=2, failure_rate_threshold=50.0), clock=clock
+    )
+    engine = world.engine(breakers=breakers)
+    await engine.define_workflow(
+        WorkflowDefinition(
+            "wf",
+            "pay",
+            steps=[
+                step(
+                    "pay",
+                    system_target="payments",
+                    retry_policy={"max_retries": 5, "delay": 1, "retry_on": ["Busy"]},
+                )
+            ],
+        )
+    )
+    publish = world.broker.publish
+    refused: list[str] = []
+
+    async def refuse_three(message: Message) -> Message:
+        if message.name == "action" and len(refused) < 3:
+            refused.append(message.id)
+            raise TransportUnavailableError("the broker's server is restarting (test)")
+        return await publish(message)
+
+    world.broker.publish = refuse_three  # type: ignore[method-assign]
+    result = await drive(clock, engine.execute_workflow("wf", run_id="r"))
+    assert result.succeeded, result.error
+    assert calls == ["pay"]
+    assert result.steps["pay"].attempts == 4
+    failed = [d["error_type"] for name, d in await events(engine, "r") if name == "AttemptFailed"]
+    assert failed == [SEND_FAILED] * 3
+    assert breakers.get("payments").state is BreakerState.CLOSED
+    assert breakers.get("payments").metrics().failed == 0
