@@ -52,6 +52,22 @@ FOUND: list[tuple[str, int, str, str]] = [
         "the sync node could not boot when a registration's read failed",
     ),
     (
+        "transfers",
+        3,
+        "publish_fail=0.1,store_fail=0.1",
+        # A debit's EXACTLY_ONCE commit went through, the send of its credit was refused,
+        # the broker counted that as a handler failure, the reruns failed on the store, and
+        # the message was dead-lettered with its committed outbox: money went missing. A
+        # refused send now gives the delivery back; the redelivery resends the outbox.
+        "committed outbox lost with a dead letter after a refused send",
+    ),
+    (
+        "transfers",
+        56,
+        "publish_fail=0.2,store_fail=0.2",
+        "committed outbox lost with a dead letter after a refused send",
+    ),
+    (
         "orders",
         5776,
         "store_fail=0.05,skew=13.15,handler_error=0.188",
