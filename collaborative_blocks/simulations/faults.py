@@ -4,8 +4,8 @@ A plan is written as a spec string of comma-separated ``name=value`` entries (``
 empty plan)::
 
     drop=0.05,duplicate=0.02,reorder=0.1,delay=0.01-2.0,partition=30s@10s,publish_fail=0.01,
-    fetch_fail=0.01,crash=0.01,store_fail=0.01,store_read_fail=0.01,slow_write=0.05:0.5,
-    skew=2.0,handler_error=0.02,handler_hang=0.01
+    fetch_fail=0.01,crash=0.01,store_fail=0.01,store_read_fail=0.01,store_lost_ack=0.01,
+    slow_write=0.05:0.5,skew=2.0,handler_error=0.02,handler_hang=0.01
 
 ========================  =====================================================================
 entry                     meaning
@@ -29,6 +29,10 @@ entry                     meaning
 ``store_read_fail=P``     a store read (``read``, ``read_all``, ``stream_version``, ...,
                           and the start of a ``subscribe``) fails (``StoreUnavailableError``)
                           with probability P
+``store_lost_ack=P``      a store write commits, then its acknowledgement is lost: the call
+                          raises ``StoreUnavailableError`` with probability P although the
+                          events are in the store (an ambiguous failure, as when the
+                          connection drops after the database committed)
 ``slow_write=P:S``        a store write first waits up to S seconds, with probability P
 ``skew=S``                each system's wall clock is off by up to ±S seconds
 ``handler_error=P``       a scenario handler raises with probability P
@@ -54,7 +58,7 @@ __all__ = ["CrashAt", "FaultPlan", "Partition"]
 #: The accepted forms, listed in every parse error.
 ACCEPTED_FORMS = (
     "drop=P, duplicate=P, reorder=P, publish_fail=P, fetch_fail=P, store_fail=P, "
-    "store_read_fail=P, handler_error=P, handler_hang=P "
+    "store_read_fail=P, store_lost_ack=P, handler_error=P, handler_hang=P "
     "(P a probability in [0, 1]); delay=LO-HI or delay=HI (seconds); partition=D@T "
     "(duration at start, e.g. 30s@10s); crash=R (per system per simulated second), crash=T "
     "or crash=NODE@T; slow_write=P:S; skew=S; or 'none'"
@@ -68,6 +72,7 @@ _PROBABILITIES = (
     "fetch_fail",
     "store_fail",
     "store_read_fail",
+    "store_lost_ack",
     "handler_error",
     "handler_hang",
 )
@@ -111,6 +116,7 @@ class FaultPlan:
     crashes: tuple[CrashAt, ...] = ()
     store_fail: float = 0.0
     store_read_fail: float = 0.0
+    store_lost_ack: float = 0.0
     slow_write: tuple[float, float] = (0.0, 0.0)
     skew: float = 0.0
     handler_error: float = 0.0
@@ -250,7 +256,7 @@ class FaultPlan:
         for crash in self.crashes:
             when = f"{_num(crash.time)}s"
             parts.append(f"crash={crash.node}@{when}" if crash.node else f"crash={when}")
-        for name in ("store_fail", "store_read_fail"):
+        for name in ("store_fail", "store_read_fail", "store_lost_ack"):
             if getattr(self, name):
                 parts.append(f"{name}={_num(getattr(self, name))}")
         probability, seconds = self.slow_write

@@ -2,7 +2,7 @@
 
 - The **durable store** is one :class:`~collaborative_blocks.stores.memory.MemoryEventStore`
   (the "disk"): it survives every crash. Each node reaches it through a :class:`FaultyStore`
-  (write failures, slow writes, read failures).
+  (write failures, lost write acknowledgements, slow writes, read failures).
 - The **network** is one :class:`~collaborative_blocks.plugins.transports.memory.MemoryTransport`
   (the broker server, which does not crash). Each node reaches it through a
   :class:`FaultyTransport`: deliveries are dropped (redelivered after the ack timeout),
@@ -655,8 +655,12 @@ class _FaultySubscription:
 class FaultyStore(DelegatingStore):
     """A node's view of the durable store: failures and slow writes from the plan.
 
-    A failed write changes nothing (it fails before the store is touched), a slow write waits
-    on the node's clock first (a crash meanwhile means it never happened). With
+    A failed write (``store_fail``) changes nothing (it fails before the store is touched), a
+    slow write waits on the node's clock first (a crash meanwhile means it never happened).
+    With ``store_lost_ack`` a write is performed on the inner store and *then* the call raises
+    :class:`StoreUnavailableError`, as often as the plan says: the caller cannot tell this
+    ambiguous failure from a definite one, as when the database committed and the connection
+    dropped before the reply. With
     ``store_read_fail`` every read method of the :class:`EventStore` protocol (``read``,
     ``read_all``, ``max_position``, ``stream_version``, ``streams``, ``stats``,
     ``consumer_position``, ``has_processed``, ``latest_snapshot``) fails as often as the plan
@@ -683,7 +687,14 @@ class FaultyStore(DelegatingStore):
             probability, seconds = plan.slow_write
             if world.chance("slow_write", probability):
                 await self._node.clock.sleep(world.rng("slow_write_time").uniform(0.0, seconds))
-        return await self.inner.append_many(requests, tracking=tracking)
+        positions = await self.inner.append_many(requests, tracking=tracking)
+        # Drawn only after the write went through: the events (and the tracking) are stored.
+        if world.chance("store_lost_ack", world.plan.store_lost_ack):
+            raise StoreUnavailableError(
+                f"simulated lost acknowledgement on {self._node.name!r}: the write was "
+                "committed, then the connection dropped (fault plan: store_lost_ack)"
+            )
+        return positions
 
     # -- reads ---------------------------------------------------------------------------------
 
