@@ -42,6 +42,7 @@ from collaborative_blocks.errors import (
     PublishTimeoutError,
     QueryTimeoutError,
     RemoteHandlerError,
+    StoreUnavailableError,
     TransportUnavailableError,
     UnknownSchemeError,
     UnsupportedGuaranteeError,
@@ -428,6 +429,55 @@ async def test_a_handled_message_whose_outbox_cannot_be_sent_is_given_back_not_d
     assert broker.dlq.added == 0
     assert broker.store is not None
     assert len(await broker.store.read("account-a")) == handler_runs
+
+
+async def test_an_exactly_once_commit_whose_acknowledgement_was_lost_counts_as_done(
+    broker: MessageBroker, clock: VirtualClock
+) -> None:
+    """The store commits the handler's effects, inbox record and outbox, then the connection
+    drops: StoreUnavailableError, although it all went through. The broker asks the inbox,
+    finds the message processed, sends the stored outbox and acknowledges, instead of
+    counting a failed attempt (found with the chaos simulator's store_lost_ack fault: the
+    reruns failed for other reasons, the message was dead-lettered with its committed
+    outbox, and a transfer's credit was never sent)."""
+    assert broker.store is not None
+    store = broker.store
+    append_many = store.append_many
+    lost: list[str] = []
+
+    async def commit_then_drop(requests: Any, *, tracking: Any = None) -> Any:
+        result = await append_many(requests, tracking=tracking)
+        if tracking is not None and not lost:
+            lost.append(tracking.message_id)
+            raise StoreUnavailableError("connection lost after the commit (test)")
+        return result
+
+    store.append_many = commit_then_drop  # type: ignore[method-assign]
+    runs = 0
+    credits: list[str] = []
+
+    async def debit(message: Message, ctx: MessageContext) -> None:
+        nonlocal runs
+        runs += 1
+        if runs > 1:
+            raise RuntimeError("the handler fails on every rerun")
+        ctx.append("account-a", [NewEvent("Debited", b"{}")])
+        ctx.publish(event("credit", guarantee=DeliveryGuarantee.EXACTLY_ONCE, id="credit-1"))
+
+    async def credit(message: Message) -> None:
+        credits.append(message.id)
+
+    await broker.subscribe("debit", debit, group="bank-a")
+    await broker.subscribe("credit", credit, group="bank-b")
+    sent = await broker.publish(event("debit", guarantee=DeliveryGuarantee.EXACTLY_ONCE))
+    await until(clock, lambda: bool(credits))
+    for _ in range(40):
+        await clock.advance(0.05)
+    assert lost == [sent.id]
+    assert runs == 1
+    assert credits == ["credit-1"]
+    assert broker.dlq.added == 0
+    assert len(await store.read("account-a")) == 1
 
 
 async def test_exactly_once_needs_a_store_at_start_up(clock: VirtualClock) -> None:

@@ -82,6 +82,7 @@ from collaborative_blocks.errors import (
     PluginError,
     PublishTimeoutError,
     RejectionReason,
+    StoreUnavailableError,
     TransportUnavailableError,
     UnknownSchemeError,
     UnsupportedGuaranteeError,
@@ -172,11 +173,21 @@ OUTBOX_SEND_ATTEMPTS = 3
 _TRANSIENT_SEND_ERRORS = (TransportUnavailableError, PublishTimeoutError)
 
 
-class _OutboxNotSent(Exception):
+class _GiveBack(Exception):
+    """The delivery goes back unacknowledged, and this was not a failed attempt of the
+    handler (the handler is not to blame: a dead letter would be wrong)."""
+
+
+class _OutboxNotSent(_GiveBack):
     """The handler succeeded and its effects are committed, but the transport refused what
-    it published: not a failure of the handler, so not one of its attempts. The delivery
-    goes back unacknowledged; its redelivery resends the stored outbox (EXACTLY_ONCE) or
-    runs the handler again (AT_LEAST_ONCE, which allows that)."""
+    it published. Its redelivery resends the stored outbox (EXACTLY_ONCE) or runs the
+    handler again (AT_LEAST_ONCE, which allows that)."""
+
+
+class _CommitUnknown(_GiveBack):
+    """The EXACTLY_ONCE commit failed with the store unreachable, and the store cannot say
+    whether it went through (the inbox could not be read either). The redelivery asks the
+    inbox again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -556,7 +567,7 @@ class _Consumer:
                 await self._handle(worker, delivery, message)
             except asyncio.CancelledError:
                 raise
-            except _OutboxNotSent as error:
+            except _GiveBack as error:
                 log.warning("consumer %s gives message %s back: %s", self.group, message.id, error)
                 with contextlib.suppress(Exception):
                     await delivery.nack(self.broker.retry.base_delay)
@@ -674,9 +685,22 @@ class _Consumer:
                     ],
                 )
             )
-        await broker.store.append_many(
-            requests, tracking=Tracking(self.group, message_id=message.id)
-        )
+        store = broker.store
+        try:
+            await store.append_many(requests, tracking=Tracking(self.group, message_id=message.id))
+        except StoreUnavailableError as error:
+            # The commit may have gone through before the connection dropped (a lost
+            # acknowledgement): the inbox, written in the same transaction, knows.
+            try:
+                committed = await store.has_processed(self.group, message.id)
+            except Exception:
+                raise _CommitUnknown(
+                    f"the commit of message {message.id} failed ({error}) and the inbox cannot "
+                    "be read to tell whether it went through"
+                ) from error
+            if committed:
+                raise DuplicateMessageError(self.group, message.id) from error
+            raise
         await self._send(outgoing)
 
     async def _send(self, outgoing: Sequence[Message]) -> None:
@@ -684,18 +708,31 @@ class _Consumer:
         transport refuses (it is restarting, say) is tried again in place; if it still
         refuses, :class:`_OutboxNotSent` gives the delivery back instead of charging the
         handler an attempt (a dead letter for a message that was handled would be wrong)."""
-        if not outgoing:
-            return
         broker = self.broker
-        retrying = AsyncRetrying(
-            sleep=broker.clock.sleep,
-            stop=stop_after_attempt(OUTBOX_SEND_ATTEMPTS),
-            wait=lambda state: broker.retry.delay(state.attempt_number, broker.rng),
-            retry=retry_if_exception_type(_TRANSIENT_SEND_ERRORS),
-            reraise=True,
-        )
-        for sent in outgoing:
+        for index, sent in enumerate(outgoing):
             try:
+                await broker.publish(sent)
+            except _TRANSIENT_SEND_ERRORS:
+                # The hot path is one plain publish; only a refused one pays for retrying.
+                await self._send_retrying(outgoing[index:])
+                return
+
+    async def _send_retrying(self, outgoing: Sequence[Message]) -> None:
+        """Send ``outgoing``, the first of which the transport has just refused once."""
+        broker = self.broker
+        for number, sent in enumerate(outgoing):
+            tries = OUTBOX_SEND_ATTEMPTS - 1 if number == 0 else OUTBOX_SEND_ATTEMPTS
+            retrying = AsyncRetrying(
+                sleep=broker.clock.sleep,
+                stop=stop_after_attempt(max(tries, 1)),
+                wait=lambda state: broker.retry.delay(state.attempt_number, broker.rng),
+                retry=retry_if_exception_type(_TRANSIENT_SEND_ERRORS),
+                reraise=True,
+            )
+            try:
+                if number == 0:
+                    # Refused once already: wait before trying again.
+                    await broker.clock.sleep(broker.retry.delay(1, broker.rng))
                 async for attempt in retrying:
                     with attempt:
                         await broker.publish(sent)
@@ -796,6 +833,8 @@ class _Consumer:
                     # The handler succeeded: this attempt is not lost, and not failed.
                     with contextlib.suppress(Exception):
                         await close_attempts(history, self.group, message.id)
+                raise
+            except _GiveBack:
                 raise
             except DuplicateMessageError:
                 if guarantee is not DeliveryGuarantee.AT_MOST_ONCE:
