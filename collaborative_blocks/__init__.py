@@ -43,6 +43,7 @@ from collaborative_blocks.core.workflows import (
 )
 from collaborative_blocks.errors import (
     AggregateNotFoundError,
+    ChangeOutcomeUnknownError,
     CircuitOpenError,
     CollaborativeBlocksError,
     CommandArgumentsError,
@@ -123,6 +124,7 @@ __all__ = [
     "RealTimeSyncEngine",
     "RemoteHandlerError",
     "Repository",
+    "ChangeOutcomeUnknownError",
     "ResolverFailedError",
     "RetryPolicy",
     "RunStatus",

@@ -330,6 +330,12 @@ class UnknownSystemError(SyncError, LookupError):
     """A change came from (or was asked of) a system that is not registered; nothing written."""
 
 
+class ChangeOutcomeUnknownError(SyncError):
+    """The store failed while recording a change, and could not be read to tell whether the
+    change went through. The engine settles it by itself once the store answers (the change
+    then reaches every replica, or never existed); do not propagate it again blindly."""
+
+
 class ResolverFailedError(SyncError):
     """A conflict resolver raised while folding a write; the replica was left unchanged and
     the failure was recorded as a conflict (see ``RealTimeSyncEngine.conflicts``)."""

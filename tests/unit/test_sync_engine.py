@@ -12,6 +12,7 @@ import itertools
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
@@ -33,9 +34,11 @@ from collaborative_blocks.core.sync.resolvers import (
     Ordering,
     ResolverProperty,
     ResolverRegistry,
+    VectorClock,
     Write,
 )
 from collaborative_blocks.errors import (
+    ChangeOutcomeUnknownError,
     DependencyCycleError,
     DuplicateSystemError,
     FutureTimestampError,
@@ -559,17 +562,17 @@ async def test_repair_after_must_be_positive(store: EventStore) -> None:
         engine_on(store, repair_after=-5)
 
 
-async def test_a_change_refused_during_an_outage_leaves_the_replica_and_its_clock_as_they_were(
+async def test_a_change_refused_during_an_outage_is_in_no_replica_and_settled_later(
     store: EventStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The store refuses reads as well as writes (a real outage): the caller gets the write's
-    error, and the source's replica, clock included, is as before (found by the replicas
-    chaos scenario with store_read_fail: the undo re-read the log, failed, and left a value
-    that was never written visible at the source)."""
+    """The store refuses reads as well as writes (a real outage): the engine cannot tell
+    whether the change went through, says so (ChangeOutcomeUnknownError), shows it in no
+    replica, and settles it from the log once the store answers: here it was not written, so
+    it never appears (found by the replicas chaos scenario with store_read_fail: the undo
+    re-read the log, failed, and left a value that was never written visible)."""
     engine = engine_on(store, repair_after=None)
     await chain(engine, ["a", "b"])
     await engine.propagate_change("a", {"k": "kept"})
-    clock_before = engine.vector_clock("a")
 
     async def refuse_write(*args: object, **kwargs: object) -> list[list[int]]:
         raise StoreUnavailableError("write refused: the database is restarting")
@@ -580,12 +583,84 @@ async def test_a_change_refused_during_an_outage_leaves_the_replica_and_its_cloc
     with monkeypatch.context() as patch:
         patch.setattr(store, "append_many", refuse_write)
         patch.setattr(store, "read", refuse_read)
-        with pytest.raises(StoreUnavailableError, match="write refused"):
+        with pytest.raises(ChangeOutcomeUnknownError, match="cannot be read"):
             await engine.propagate_change("a", {"k": "lost"})
     assert engine.value("a", "k") == "kept"
-    assert engine.vector_clock("a") == clock_before
     assert await engine.ensure_consistency("k", 5)
+    assert await engine.repair() == 0  # the store answers: the change is not in the log
+    assert engine.value("a", "k") == "kept"
     assert engine.value("b", "k") == "kept"
+    assert await engine.audit() == []
+    # Refused outright (the log readable): the store's own error, nothing written.
+    with monkeypatch.context() as patch:
+        patch.setattr(store, "append_many", refuse_write)
+        with pytest.raises(StoreUnavailableError, match="write refused"):
+            await engine.propagate_change("a", {"k": "lost again"})
+    assert engine.value("a", "k") == "kept"
+    await engine.close()
+
+
+async def test_a_change_whose_acknowledgement_was_lost_is_recorded_and_delivered(
+    store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store commits the change, then the connection drops: StoreUnavailableError,
+    although the change is in the log. The engine reads the log back and carries on as
+    recorded, so the caller is not told 'failed' for a change every replica will show, and
+    the next change takes a new dot (found with the store_lost_ack chaos fault: two changes
+    with one dot, and replicas that differed from the log)."""
+    engine = engine_on(store, repair_after=None)
+    await chain(engine, ["a", "b"])
+    append_many = store.append_many
+    dropped: list[int] = []
+
+    async def commit_then_drop(requests: Any, *, tracking: Any = None) -> Any:
+        result = await append_many(requests, tracking=tracking)
+        if not dropped:
+            dropped.append(result[0][0])
+            raise StoreUnavailableError("connection lost after the commit (test)")
+        return result
+
+    monkeypatch.setattr(store, "append_many", commit_then_drop)
+    record = await engine.propagate_change("a", {"k": "v1"})
+    assert dropped == [record.change_id]
+    second = await engine.propagate_change("a", {"k": "v2"})
+    assert second.dot != record.dot
+    assert await engine.ensure_consistency("k", 5)
+    assert [engine.value(s, "k") for s in "ab"] == ["v2", "v2"]
+    assert await engine.audit() == []
+    await engine.close()
+
+
+async def test_a_conflict_record_whose_acknowledgement_was_lost_stays_known(
+    store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Storing a conflict fails after the commit (the connection dropped): the conflict is in
+    the log, so the engine must know it from then on (conflicts(key) lists it, the audit
+    finds no logged conflict it does not know), and it is stored again with the next append
+    in case it was not (found with the store_lost_ack chaos fault: a retried delivery found
+    a different conflict and the logged one stayed unknown for good)."""
+    engine = engine_on(store, repair_after=None)
+    await engine.register_system("a")
+    siblings = (
+        Write("k", "from a", "a", 1.0, VectorClock({"a": 1})),
+        Write("k", "from x", "x", 2.0, VectorClock({"x": 1})),
+    )
+    conflict = Conflict("k", "test_lww", siblings, ConflictStatus.RESOLVED, "from x")
+    append_many = store.append_many
+
+    async def commit_then_drop(requests: Any, *, tracking: Any = None) -> Any:
+        await append_many(requests, tracking=tracking)
+        raise StoreUnavailableError("connection lost after the commit (test)")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(store, "append_many", commit_then_drop)
+        with pytest.raises(StoreUnavailableError):
+            await engine._record_conflicts([conflict])
+    assert engine.conflicts("k") == [conflict]
+    assert await engine.audit() == []
+    await engine.propagate_change("a", {"other": 1})  # the next append stores it again
+    assert len(await store.read(engine.conflicts_stream)) == 2
+    assert engine.conflicts("k") == [conflict]
     await engine.close()
 
 

@@ -52,10 +52,12 @@ from collaborative_blocks.core.sync.resolvers import (
     check_write,
 )
 from collaborative_blocks.errors import (
+    ChangeOutcomeUnknownError,
     DependencyCycleError,
     DuplicateSystemError,
     ResolverError,
     ResolverFailedError,
+    StoreUnavailableError,
     SyncError,
     SyncSerializationError,
     TopologyError,
@@ -111,6 +113,17 @@ class _Outstanding:
     systems: set[str]  # the systems still to apply it
     record: ChangeRecord | None = None  # set once the change is in the log
     repair_at: float = 0.0  # when the repair task applies it itself, if still outstanding
+
+
+@dataclass(slots=True)
+class _InDoubt:
+    """A change whose append failed with the store unreachable and whose presence in the log
+    could not be checked: settled from the log once the store answers."""
+
+    record: ChangeRecord  # as proposed (change_id 0)
+    body: bytes  # the event's exact bytes: found in the log, or not
+    conflicts: list[Conflict]
+    check_at: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +240,7 @@ class RealTimeSyncEngine:
         self._changed = asyncio.Event()
         # change (its dot) -> when recorded, systems still to apply it, the record
         self._pending: dict[tuple[str, int], _Outstanding] = {}
+        self._in_doubt: list[_InDoubt] = []
         self._repairer: asyncio.Task[None] | None = None
         self._repair_wanted = asyncio.Event()
         # key -> deliveries still to apply, so a waiter checks a counter, not every change
@@ -399,9 +413,15 @@ class RealTimeSyncEngine:
         a ``seen`` clock naming an unregistered system, another
         :class:`~collaborative_blocks.errors.ResolverError` for a write a resolver refuses,
         :class:`ResolverFailedError` when a resolver raises, or the store's error when it
-        refuses the append; in each case nothing is written and no replica changes. Once the
-        change is in the log it is returned, even if sending it to the dependents fails (the
-        transport is down): the repair applies it to them at once (see :meth:`repair`).
+        refuses the append; in each case nothing is written and no replica changes (the
+        source's vector clock may keep the refused change's dot unused). When the append
+        fails with the store unreachable, the engine reads the log back: a change that went
+        through all the same (the connection dropped after the commit) is returned as
+        recorded; if the log cannot be read either,
+        :class:`~collaborative_blocks.errors.ChangeOutcomeUnknownError`, and the engine
+        settles the change once the store answers. Once the change is in the log it is
+        returned, even if sending it to the dependents fails (the transport is down): the
+        repair applies it to them at once (see :meth:`repair`).
         """
         replica = self._require(source)
         if not isinstance(change_data, Mapping) or not change_data:
@@ -449,7 +469,7 @@ class RealTimeSyncEngine:
         # change from this source is causally after this one. Its states change only once
         # the change is in the log, so a failed append leaves nothing to undo (and needs no
         # read of the log, which may be failing too). A dot of a failed change stays unused.
-        clock_before, replica.clock = replica.clock, clock
+        replica.clock = clock
         computed_at = replica.version
         outstanding = None
         if targets:
@@ -458,27 +478,46 @@ class RealTimeSyncEngine:
             )
             for key in keys:
                 self._key_pending[key] = self._key_pending.get(key, 0) + len(targets)
-        body = {"source": source, "writes": [w.to_json() for w in writes]}
+        body = canonical_json({"source": source, "writes": [w.to_json() for w in writes]})
+        carried = list(self._unsaved)
         fresh = self._fresh_conflicts(conflicts)
-        requests = [
-            AppendRequest(
-                self.changes_stream, [NewEvent(CHANGE_TOPIC, canonical_json(body).encode())]
-            )
-        ]
+        requests = [AppendRequest(self.changes_stream, [NewEvent(CHANGE_TOPIC, body.encode())])]
         if fresh:
             requests.append(self._conflict_request(fresh))
         try:
             # The change and the conflicts it makes are one transaction.
             position = (await store.append_many(requests))[0][0]
-        except BaseException:
-            # Not in the log, so in no replica, and no delivery to wait for. The dots go
-            # back too, unless a later change took dots after them meanwhile.
-            if self._pending.pop(provisional.dot, None) is not None:
-                for key in keys:
-                    self._key_pending[key] -= len(targets)
-            if replica.clock is clock:
-                replica.clock = clock_before
-            raise
+        except BaseException as error:
+            found: int | None = None
+            known = True
+            if isinstance(error, StoreUnavailableError):
+                # It may have gone through all the same (the connection dropped after the
+                # commit): the log says.
+                found, known = await self._read_back(store, body.encode())
+            if found is None:
+                # Not in the log (or nobody can tell yet): in no replica, nothing to deliver.
+                if self._pending.pop(provisional.dot, None) is not None:
+                    for key in keys:
+                        self._key_pending[key] -= len(targets)
+                self._unsaved = carried + self._unsaved
+                if not known:
+                    self._in_doubt.append(
+                        _InDoubt(
+                            provisional,
+                            body.encode(),
+                            fresh,
+                            self.clock.monotonic() + (self.repair_after or 0.0),
+                        )
+                    )
+                    self._repair_wanted.set()
+                    raise ChangeOutcomeUnknownError(
+                        f"the store failed while recording {source!r}'s change ({error}) and "
+                        "cannot be read to tell whether it went through; the engine settles it "
+                        "from the log once the store answers (it then reaches every replica, "
+                        "or it never happened). Do not propagate it again blindly."
+                    ) from error
+                raise
+            position = found
         for conflict in fresh:
             self._remember_conflict(conflict)
         record = ChangeRecord(position, source, tuple(writes))
@@ -525,6 +564,62 @@ class RealTimeSyncEngine:
                 outstanding.repair_at = self.clock.monotonic()
                 self._repair_wanted.set()
         return record
+
+    async def _read_back(self, store: EventStore, body: bytes) -> tuple[int | None, bool]:
+        """Where the change event ``body`` is in the log (None: absent), and whether the log
+        could be read to tell (newest first: a change just appended is near the end)."""
+        page = 256
+        to_version: int | None = None
+        try:
+            while True:
+                events = await store.read(
+                    self.changes_stream, to_version=to_version, limit=page, backwards=True
+                )
+                for event in events:
+                    if event.state == body:
+                        return event.position, True
+                if len(events) < page or events[-1].version <= 1:
+                    return None, True
+                to_version = events[-1].version - 1
+        except Exception as error:
+            log.warning("sync engine %r: cannot read the change log back: %s", self.name, error)
+            return None, False
+
+    async def _settle_in_doubt(self, *, every: bool) -> None:
+        """Look up the changes whose recording is in doubt (``every``, or those due): one
+        found in the log is applied to its source and repaired downstream; one absent is
+        dropped; one still unknown waits for the next look."""
+        now = self.clock.monotonic()
+        store = await self.store()
+        waiting: list[_InDoubt] = []
+        for doubt in self._in_doubt:
+            if not every and doubt.check_at > now:
+                waiting.append(doubt)
+                continue
+            position, known = await self._read_back(store, doubt.body)
+            if not known:
+                doubt.check_at = now + (self.repair_after or 0.0)
+                waiting.append(doubt)
+            elif position is not None:
+                await self._adopt(doubt, position)
+        self._in_doubt = waiting
+
+    async def _adopt(self, doubt: _InDoubt, position: int) -> None:
+        """A change found in the log after all: its source applies it, the repair sends it."""
+        for conflict in doubt.conflicts:
+            self._remember_conflict(conflict)
+        proposed = doubt.record
+        record = ChangeRecord(position, proposed.source, proposed.writes)
+        targets = self.downstream(record.source)
+        self._index(record)
+        if targets:
+            now = self.clock.monotonic()
+            self._pending[record.dot] = _Outstanding(now, set(targets), record, now)
+            for key in dict.fromkeys(write.key for write in record.writes):
+                self._key_pending[key] = self._key_pending.get(key, 0) + len(targets)
+            self._repair_wanted.set()
+        await self._apply(record.source, record)
+        self._changed.set()
 
     def _messages(self, sender: str, record: ChangeRecord) -> list[Message]:
         """One command per system that takes ``sender``'s changes."""
@@ -625,6 +720,8 @@ class RealTimeSyncEngine:
         (the store refuses the conflict record) is tried again on the next call; one whose
         resolver raises on the change is given up, and the failure is in ``conflicts(key)``.
         """
+        if self._in_doubt:
+            await self._settle_in_doubt(every=True)
         now = self.clock.monotonic()
         return await self._repair(
             [
@@ -661,7 +758,10 @@ class RealTimeSyncEngine:
         while True:
             self._repair_wanted.clear()
             due = min(
-                (o.repair_at for o in self._pending.values() if o.record is not None),
+                [
+                    *(o.repair_at for o in self._pending.values() if o.record is not None),
+                    *(doubt.check_at for doubt in self._in_doubt),
+                ],
                 default=None,
             )
             if due is None:
@@ -679,6 +779,8 @@ class RealTimeSyncEngine:
                     wanted.cancel()
                 continue
             try:
+                if self._in_doubt:
+                    await self._settle_in_doubt(every=False)
                 await self._repair(
                     [
                         o
@@ -792,7 +894,16 @@ class RealTimeSyncEngine:
         fresh = self._fresh_conflicts(conflicts)
         if fresh:
             store = await self.store()
-            await store.append_many([self._conflict_request(fresh)])
+            try:
+                await store.append_many([self._conflict_request(fresh)])
+            except BaseException:
+                # Stored or not (the connection may have dropped after the commit): known
+                # from now on, and stored (again) with the next append; the conflict stream
+                # is read back deduplicated.
+                for conflict in fresh:
+                    self._remember_conflict(conflict)
+                self._unsaved = fresh + self._unsaved
+                raise
             for conflict in fresh:
                 self._remember_conflict(conflict)
 
