@@ -53,7 +53,7 @@ from dataclasses import dataclass, fields, replace
 
 from collaborative_blocks.errors import FaultPlanError
 
-__all__ = ["CrashAt", "FaultPlan", "Partition"]
+__all__ = ["PROBABILITIES", "CrashAt", "FaultPlan", "Partition"]
 
 #: The accepted forms, listed in every parse error.
 ACCEPTED_FORMS = (
@@ -64,7 +64,8 @@ ACCEPTED_FORMS = (
     "or crash=NODE@T; slow_write=P:S; skew=S; or 'none'"
 )
 
-_PROBABILITIES = (
+#: The plan's fields that are probabilities (validated in [0, 1]; halved when shrinking).
+PROBABILITIES = (
     "drop",
     "duplicate",
     "reorder",
@@ -123,7 +124,7 @@ class FaultPlan:
     handler_hang: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in _PROBABILITIES:
+        for name in PROBABILITIES:
             _check_probability(name, getattr(self, name))
         low, high = self.delay
         if not (_finite(low) and _finite(high) and 0.0 <= low <= high):
@@ -192,7 +193,7 @@ class FaultPlan:
                     f"fault entry {entry!r} is not name=value. Accepted: {ACCEPTED_FORMS}"
                 )
             try:
-                if name in _PROBABILITIES:
+                if name in PROBABILITIES:
                     _once(values, name, entry)
                     values[name] = _probability(value)
                 elif name == "delay":

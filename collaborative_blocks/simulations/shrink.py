@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from collaborative_blocks.simulations.checkers import Checker, minimise_witness
-from collaborative_blocks.simulations.faults import CrashAt, FaultPlan, Partition
+from collaborative_blocks.simulations.faults import PROBABILITIES, CrashAt, FaultPlan, Partition
 from collaborative_blocks.simulations.results import History, Operation, Violation
 
 if TYPE_CHECKING:
@@ -57,6 +57,7 @@ def fault_plans(
         fetch_fail=probability,
         store_fail=probability,
         store_read_fail=probability,
+        store_lost_ack=probability,
         slow_write=st.one_of(st.just((0.0, 0.0)), st.tuples(probability, seconds)),
         skew=st.one_of(st.just(0.0), seconds),
         handler_error=probability,
@@ -106,17 +107,7 @@ def _simpler(plan: FaultPlan) -> list[FaultPlan]:
         out.append(
             dataclasses.replace(plan, crashes=plan.crashes[:index] + plan.crashes[index + 1 :])
         )
-    for name in (
-        "drop",
-        "duplicate",
-        "reorder",
-        "publish_fail",
-        "fetch_fail",
-        "store_fail",
-        "store_read_fail",
-        "handler_error",
-        "handler_hang",
-    ):
+    for name in PROBABILITIES:
         value = getattr(plan, name)
         if value > 0.001:
             out.append(dataclasses.replace(plan, **{name: round(value / 2, 4)}))

@@ -54,10 +54,7 @@ from collaborative_blocks.simulations.results import History, Operation, OpType
 from collaborative_blocks.stores.base import (
     AppendRequest,
     EventStore,
-    Snapshot,
     StoredEvent,
-    StoreStats,
-    StreamInfo,
     Tracking,
 )
 from collaborative_blocks.stores.delegating import DelegatingStore
@@ -698,73 +695,14 @@ class FaultyStore(DelegatingStore):
 
     # -- reads ---------------------------------------------------------------------------------
 
-    def _read_fault(self, method: str) -> None:
-        """Raise :class:`StoreUnavailableError` if the plan fails this read (``method``)."""
+    def before_read(self, method: str) -> None:
+        """Every read method (DelegatingStore calls this first): fail it if the plan says so."""
         world = self._world
         if world.chance("store_read_fail", world.plan.store_read_fail):
             raise StoreUnavailableError(
                 f"simulated read failure on {self._node.name!r} in {method}() "
                 "(fault plan: store_read_fail)"
             )
-
-    async def read(
-        self,
-        stream: str,
-        *,
-        from_version: int = 0,
-        to_version: int | None = None,
-        limit: int | None = None,
-        backwards: bool = False,
-    ) -> list[StoredEvent]:
-        self._read_fault("read")
-        return await self.inner.read(
-            stream,
-            from_version=from_version,
-            to_version=to_version,
-            limit=limit,
-            backwards=backwards,
-        )
-
-    async def read_all(
-        self,
-        *,
-        from_position: int = 1,
-        to_position: int | None = None,
-        limit: int | None = None,
-        topics: Sequence[str] = (),
-    ) -> list[StoredEvent]:
-        self._read_fault("read_all")
-        return await self.inner.read_all(
-            from_position=from_position, to_position=to_position, limit=limit, topics=topics
-        )
-
-    async def max_position(self) -> int:
-        self._read_fault("max_position")
-        return await self.inner.max_position()
-
-    async def stream_version(self, stream: str) -> int:
-        self._read_fault("stream_version")
-        return await self.inner.stream_version(stream)
-
-    async def streams(self, *, prefix: str = "", limit: int = 100) -> list[StreamInfo]:
-        self._read_fault("streams")
-        return await self.inner.streams(prefix=prefix, limit=limit)
-
-    async def stats(self) -> StoreStats:
-        self._read_fault("stats")
-        return await self.inner.stats()
-
-    async def consumer_position(self, consumer: str) -> int | None:
-        self._read_fault("consumer_position")
-        return await self.inner.consumer_position(consumer)
-
-    async def has_processed(self, consumer: str, message_id: str) -> bool:
-        self._read_fault("has_processed")
-        return await self.inner.has_processed(consumer, message_id)
-
-    async def latest_snapshot(self, stream: str) -> Snapshot | None:
-        self._read_fault("latest_snapshot")
-        return await self.inner.latest_snapshot(stream)
 
     def subscribe(
         self, *, from_position: int = 1, topics: Sequence[str] = (), batch_size: int = 500
@@ -781,7 +719,7 @@ class FaultyStore(DelegatingStore):
         try:
             # The subscription starts (its catch-up reads) on the first step, so that is
             # where it fails, like the first query against a database that is down.
-            self._read_fault("subscribe")
+            self.before_read("subscribe")
             async for event in inner:
                 yield event
         finally:

@@ -68,6 +68,37 @@ FOUND: list[tuple[str, int, str, str]] = [
         "committed outbox lost with a dead letter after a refused send",
     ),
     (
+        "transfers",
+        0,
+        "store_fail=0.2,store_lost_ack=0.3,handler_error=0.3",
+        # An EXACTLY_ONCE commit went through and its acknowledgement was lost; the reruns
+        # failed before reaching the store and the message was dead-lettered with its
+        # committed outbox (a credit never sent). The broker now asks the inbox.
+        "committed outbox lost after a lost acknowledgement",
+    ),
+    (
+        "transfers",
+        11,
+        "drop=0.05,duplicate=0.1,reorder=0.1,delay=0.01-0.3,crash=0.01,store_fail=0.05,"
+        "store_lost_ack=0.05,slow_write=0.05:0.5,skew=2,handler_error=0.1",
+        "committed outbox lost after a lost acknowledgement (default faults)",
+    ),
+    (
+        "replicas",
+        2,
+        "drop=0.05,duplicate=0.05,reorder=0.2,delay=0.01-0.5,partition=5s@3s,crash=0.02,"
+        "store_fail=0.02,store_lost_ack=0.05",
+        # A change whose acknowledgement was lost was taken as not written: its dot was
+        # reused, and replicas differed from the log. The engine now reads the log back.
+        "a recorded change taken as not written",
+    ),
+    (
+        "replicas",
+        19,
+        "store_lost_ack=0.2",
+        "a logged conflict unknown to the engine after a lost acknowledgement",
+    ),
+    (
         "orders",
         5776,
         "store_fail=0.05,skew=13.15,handler_error=0.188",
