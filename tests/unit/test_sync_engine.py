@@ -600,6 +600,38 @@ async def test_a_change_refused_during_an_outage_is_in_no_replica_and_settled_la
     await engine.close()
 
 
+async def test_a_change_in_doubt_that_went_through_reaches_every_replica_once_settled(
+    store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store commits the change, the connection drops, and the log cannot be read back:
+    ChangeOutcomeUnknownError. Once the store answers, the repair finds the change in the
+    log and applies it to its source and downstream."""
+    engine = engine_on(store, repair_after=None)
+    await chain(engine, ["a", "b", "c"])
+    append_many, read = store.append_many, store.read
+
+    async def commit_then_drop(requests: Any, *, tracking: Any = None) -> Any:
+        await append_many(requests, tracking=tracking)
+        raise StoreUnavailableError("connection lost after the commit (test)")
+
+    async def refuse_read(*args: object, **kwargs: object) -> list[object]:
+        raise StoreUnavailableError("read refused (test)")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(store, "append_many", commit_then_drop)
+        patch.setattr(store, "read", refuse_read)
+        with pytest.raises(ChangeOutcomeUnknownError):
+            await engine.propagate_change("a", {"k": "v"})
+    assert store.read == read
+    assert [engine.value(s, "k") for s in "abc"] == [None, None, None]
+    assert await engine.repair() == 3  # found in the log: the source and both dependents
+    assert [engine.value(s, "k") for s in "abc"] == ["v", "v", "v"]
+    assert engine.inconsistency("k") is None
+    assert await engine.audit() == []
+    assert await engine.repair() == 0
+    await engine.close()
+
+
 async def test_a_change_whose_acknowledgement_was_lost_is_recorded_and_delivered(
     store: EventStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

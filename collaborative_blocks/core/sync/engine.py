@@ -587,38 +587,34 @@ class RealTimeSyncEngine:
 
     async def _settle_in_doubt(self, *, every: bool) -> None:
         """Look up the changes whose recording is in doubt (``every``, or those due): one
-        found in the log is applied to its source and repaired downstream; one absent is
-        dropped; one still unknown waits for the next look."""
+        found in the log is adopted (the repair applies it to its source and downstream);
+        one absent is dropped; one still unknown waits for the next look."""
         now = self.clock.monotonic()
+        due = [doubt for doubt in self._in_doubt if every or doubt.check_at <= now]
+        self._in_doubt = [doubt for doubt in self._in_doubt if doubt not in due]
         store = await self.store()
-        waiting: list[_InDoubt] = []
-        for doubt in self._in_doubt:
-            if not every and doubt.check_at > now:
-                waiting.append(doubt)
-                continue
+        for doubt in due:
             position, known = await self._read_back(store, doubt.body)
             if not known:
                 doubt.check_at = now + (self.repair_after or 0.0)
-                waiting.append(doubt)
+                self._in_doubt.append(doubt)
             elif position is not None:
-                await self._adopt(doubt, position)
-        self._in_doubt = waiting
+                self._adopt(doubt, position)
 
-    async def _adopt(self, doubt: _InDoubt, position: int) -> None:
-        """A change found in the log after all: its source applies it, the repair sends it."""
+    def _adopt(self, doubt: _InDoubt, position: int) -> None:
+        """A change found in the log after all: outstanding at its source and downstream,
+        due for the repair now."""
         for conflict in doubt.conflicts:
             self._remember_conflict(conflict)
         proposed = doubt.record
         record = ChangeRecord(position, proposed.source, proposed.writes)
-        targets = self.downstream(record.source)
+        systems = {record.source, *self.downstream(record.source)}
+        now = self.clock.monotonic()
         self._index(record)
-        if targets:
-            now = self.clock.monotonic()
-            self._pending[record.dot] = _Outstanding(now, set(targets), record, now)
-            for key in dict.fromkeys(write.key for write in record.writes):
-                self._key_pending[key] = self._key_pending.get(key, 0) + len(targets)
-            self._repair_wanted.set()
-        await self._apply(record.source, record)
+        self._pending[record.dot] = _Outstanding(now, systems, record, now)
+        for key in dict.fromkeys(write.key for write in record.writes):
+            self._key_pending[key] = self._key_pending.get(key, 0) + len(systems)
+        self._repair_wanted.set()
         self._changed.set()
 
     def _messages(self, sender: str, record: ChangeRecord) -> list[Message]:
