@@ -480,6 +480,36 @@ async def test_an_exactly_once_commit_whose_acknowledgement_was_lost_counts_as_d
     assert len(await store.read("account-a")) == 1
 
 
+async def test_a_copy_that_runs_out_of_attempts_after_another_copy_committed_is_a_duplicate(
+    broker: MessageBroker, clock: VirtualClock
+) -> None:
+    """Two copies of one EXACTLY_ONCE message (a duplicate delivery): the first commits, the
+    second's handler fails every attempt before reaching the commit. Before dead-lettering,
+    the broker asks the inbox: the message was handled, so the second copy is a duplicate,
+    not a dead letter (a dead-lettered debit whose Debited is in the log would read as money
+    that never moved; found with the chaos simulator, duplicate deliveries plus handler and
+    store faults)."""
+    runs = 0
+
+    async def debit(message: Message, ctx: MessageContext) -> None:
+        nonlocal runs
+        runs += 1
+        if runs > 1:
+            raise RuntimeError("every later run fails before the commit")
+        ctx.append("account-a", [NewEvent("Debited", b"{}")])
+
+    await broker.subscribe("debit", debit, group="bank-a")
+    message = await broker.publish(event("debit", guarantee=DeliveryGuarantee.EXACTLY_ONCE))
+    await broker.publish(message)  # the same message id again: a second copy
+    await until(clock, lambda: sum(r[0] == message.id for r in broker._receipts) == 2)
+    statuses = [r.status for r in await broker.receipts(message.id)]
+    assert statuses == [ReceiptStatus.PROCESSED, ReceiptStatus.DUPLICATE]
+    assert runs == 1 + 4  # the second copy's four attempts all failed
+    assert broker.dlq.added == 0
+    assert broker.store is not None
+    assert len(await broker.store.read("account-a")) == 1
+
+
 async def test_exactly_once_needs_a_store_at_start_up(clock: VirtualClock) -> None:
     broker = MessageBroker(
         clock=clock,

@@ -741,6 +741,21 @@ class _Consumer:
                     f"message {sent.id} published by the handler could not be sent: {error}"
                 ) from error
 
+    async def _processed_meanwhile(self, message: Message) -> bool:
+        """Whether this group's inbox holds ``message`` (EXACTLY_ONCE only): asked before a
+        dead letter, since a concurrent copy of the message may have committed it. If the
+        inbox cannot be read, the delivery goes back rather than guess."""
+        store = self.broker.store
+        if store is None or message.guarantee is not DeliveryGuarantee.EXACTLY_ONCE:
+            return False
+        try:
+            return await store.has_processed(self.group, message.id)
+        except Exception as error:
+            raise _CommitUnknown(
+                f"message {message.id} ran out of attempts, and the inbox cannot be read to "
+                f"tell whether another copy of it was handled ({error})"
+            ) from error
+
     async def _resend_outbox(self, message: Message) -> None:
         """A duplicate of an EXACTLY_ONCE message: send what its first handling committed."""
         store = self.broker.store
@@ -893,6 +908,15 @@ class _Consumer:
                     )
                     return
                 if attempt > broker.retry.max_retries:
+                    if await self._processed_meanwhile(message):
+                        # Another copy of this message (a duplicate delivery, handled
+                        # concurrently) committed it: a duplicate, not a dead letter.
+                        await self._resend_outbox(message)
+                        await delivery.ack()
+                        if history is not None:
+                            await close_attempts(history, self.group, message.id)
+                        broker._receipt(message.id, self.group, ReceiptStatus.DUPLICATE, attempt)
+                        return
                     await broker._dead_letter(
                         DeadLetterReason.RETRIES_EXHAUSTED,
                         f"{attempt} attempts failed; last: {type(error).__name__}: {error}",
