@@ -243,6 +243,8 @@ class RealTimeSyncEngine:
         self._in_doubt: list[_InDoubt] = []
         self._repairer: asyncio.Task[None] | None = None
         self._repair_wanted = asyncio.Event()
+        # What the repair task sleeps until (None: until woken); only an earlier due wakes it.
+        self._repair_sleeps_until: float | None = None
         # key -> deliveries still to apply, so a waiter checks a counter, not every change
         self._key_pending: dict[str, int] = {}
         self.last_inconsistency: Inconsistency | None = None
@@ -509,7 +511,7 @@ class RealTimeSyncEngine:
                             self.clock.monotonic() + (self.repair_after or 0.0),
                         )
                     )
-                    self._repair_wanted.set()
+                    self._want_repair(self._in_doubt[-1].check_at)
                     raise ChangeOutcomeUnknownError(
                         f"the store failed while recording {source!r}'s change ({error}) and "
                         "cannot be read to tell whether it went through; the engine settles it "
@@ -543,7 +545,7 @@ class RealTimeSyncEngine:
             outstanding.record = record
             if self.repair_after is not None:
                 outstanding.repair_at = outstanding.since + self.repair_after
-                self._repair_wanted.set()
+                self._want_repair(outstanding.repair_at)
         self._index(record)
         self._changed.set()
         try:
@@ -562,7 +564,7 @@ class RealTimeSyncEngine:
             )
             if outstanding is not None and self.repair_after is not None:
                 outstanding.repair_at = self.clock.monotonic()
-                self._repair_wanted.set()
+                self._want_repair(outstanding.repair_at)
         return record
 
     async def _read_back(self, store: EventStore, body: bytes) -> tuple[int | None, bool]:
@@ -614,7 +616,7 @@ class RealTimeSyncEngine:
         self._pending[record.dot] = _Outstanding(now, systems, record, now)
         for key in dict.fromkeys(write.key for write in record.writes):
             self._key_pending[key] = self._key_pending.get(key, 0) + len(systems)
-        self._repair_wanted.set()
+        self._want_repair(now)
         self._changed.set()
 
     def _messages(self, sender: str, record: ChangeRecord) -> list[Message]:
@@ -747,6 +749,13 @@ class RealTimeSyncEngine:
                 outstanding.repair_at = now + self.repair_after
         return repaired
 
+    def _want_repair(self, at: float) -> None:
+        """Wake the repair task if something is due at ``at``, before what it sleeps until
+        (a change recorded now is due after the ones already waiting: no wake-up)."""
+        until = self._repair_sleeps_until
+        if until is None or at < until:
+            self._repair_wanted.set()
+
     async def _repair_loop(self, repair_after: float) -> None:
         """Wait for the first outstanding change to be due (``repair_after`` seconds old, or
         at once when its sending failed), repair what is due, repeat; a failed repair is
@@ -761,11 +770,13 @@ class RealTimeSyncEngine:
                 default=None,
             )
             if due is None:
+                self._repair_sleeps_until = None
                 await self._repair_wanted.wait()
                 continue
             now = self.clock.monotonic()
             if due > now:
                 # Until then, or until a change is due sooner (its sending failed).
+                self._repair_sleeps_until = due
                 timer = asyncio.ensure_future(self.clock.sleep(due - now))
                 wanted = asyncio.ensure_future(self._repair_wanted.wait())
                 try:
@@ -774,6 +785,7 @@ class RealTimeSyncEngine:
                     timer.cancel()
                     wanted.cancel()
                 continue
+            self._repair_sleeps_until = now
             try:
                 if self._in_doubt:
                     await self._settle_in_doubt(every=False)
