@@ -189,11 +189,16 @@ def _writes(history: History, key: str) -> list[Operation]:
     ]
 
 
-def check_converged(history: History, facts: Mapping[str, Any]) -> list[Violation]:
+def _final_read(history: History) -> Operation | None:
+    """The checker's read of every replica at the end of the run (None if there is none)."""
     found = reads(history)
-    if not found:
+    return found[-1] if found else None
+
+
+def check_converged(history: History, facts: Mapping[str, Any]) -> list[Violation]:
+    read = _final_read(history)
+    if read is None:
         return [Violation("converged", "no final read was recorded")]
-    read = found[-1]
     state: Any = read.value
     violations = []
     for key, values in sorted(state["values"].items()):
@@ -211,10 +216,9 @@ def check_converged(history: History, facts: Mapping[str, Any]) -> list[Violatio
 
 
 def check_no_invented_value(history: History, facts: Mapping[str, Any]) -> list[Violation]:
-    found = reads(history)
-    if not found:
+    read = _final_read(history)
+    if read is None:
         return []
-    read = found[-1]
     state: Any = read.value
     violations = []
     written = {
@@ -255,10 +259,9 @@ def check_no_invented_value(history: History, facts: Mapping[str, Any]) -> list[
 
 
 def check_matches_log(history: History, facts: Mapping[str, Any]) -> list[Violation]:
-    found = reads(history)
-    if not found:
+    read = _final_read(history)
+    if read is None:
         return []
-    read = found[-1]
     state: Any = read.value
     differences = state.get("audit") or []
     if not differences:
