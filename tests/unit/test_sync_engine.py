@@ -632,6 +632,38 @@ async def test_a_change_in_doubt_that_went_through_reaches_every_replica_once_se
     await engine.close()
 
 
+async def test_the_repair_task_settles_a_change_in_doubt_by_itself() -> None:
+    """The same, without calling repair(): the background task looks the change up
+    repair_after seconds later and applies it everywhere."""
+    clock = VirtualClock()
+    store = MemoryEventStore()
+    engine = engine_on(store, clock, repair_after=10)
+    await chain(engine, ["a", "b"])
+    append_many, read = store.append_many, store.read
+
+    async def commit_then_drop(requests: Any, *, tracking: Any = None) -> Any:
+        await append_many(requests, tracking=tracking)
+        raise StoreUnavailableError("connection lost after the commit (test)")
+
+    async def refuse_read(*args: object, **kwargs: object) -> list[object]:
+        raise StoreUnavailableError("read refused (test)")
+
+    store.append_many = commit_then_drop  # type: ignore[method-assign]
+    store.read = refuse_read  # type: ignore[method-assign]
+    with pytest.raises(ChangeOutcomeUnknownError):
+        await engine.propagate_change("a", {"k": "v"})
+    store.append_many = append_many  # type: ignore[method-assign]
+    store.read = read  # type: ignore[method-assign]
+    await clock.advance(9.9)
+    assert engine.value("b", "k") is None
+    await clock.advance(0.2)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert [engine.value(s, "k") for s in "ab"] == ["v", "v"]
+    assert engine.inconsistency("k") is None
+    await engine.close()
+
+
 async def test_a_change_whose_acknowledgement_was_lost_is_recorded_and_delivered(
     store: EventStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
