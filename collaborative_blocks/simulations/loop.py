@@ -65,13 +65,25 @@ class _Handle(asyncio.Handle):
         loop: asyncio.AbstractEventLoop,
         context: contextvars.Context,
     ) -> None:
-        self._callback = callback
-        self._args = args
-        self._loop = loop
-        self._context = context
-        self._cancelled = False
-        self._repr = None
-        self._source_traceback = None
+        _init_handle(self, callback, args, loop, context)
+
+
+def _init_handle(
+    handle: asyncio.Handle,
+    callback: Callable[..., object],
+    args: tuple[Any, ...],
+    loop: asyncio.AbstractEventLoop,
+    context: contextvars.Context,
+) -> None:
+    """What ``asyncio.Handle.__init__`` sets, minus its debug-mode check."""
+    h: Any = handle
+    h._callback = callback
+    h._args = args
+    h._loop = loop
+    h._context = context
+    h._cancelled = False
+    h._repr = None
+    h._source_traceback = None
 
 
 class _TimerHandle(asyncio.TimerHandle):
@@ -87,13 +99,7 @@ class _TimerHandle(asyncio.TimerHandle):
         loop: asyncio.AbstractEventLoop,
         context: contextvars.Context,
     ) -> None:
-        self._callback = callback
-        self._args = args
-        self._loop = loop
-        self._context = context
-        self._cancelled = False
-        self._repr = None
-        self._source_traceback = None
+        _init_handle(self, callback, args, loop, context)
         self._when = when
         self._scheduled = False
 

@@ -139,6 +139,25 @@ class Node:
             raise NodeDownError(f"node {self.name!r} is down (crashed); it restarts later")
         return self._broker
 
+    def running(self, key: str, kind: type[T]) -> T:
+        """The component the scenario keeps in :attr:`state` under ``key`` (an engine, say),
+        or :class:`NodeDownError` while the node is down or still starting it."""
+        component = self.state.get(key)
+        if not self.up or not isinstance(component, kind):
+            raise NodeDownError(f"node {self.name!r} is down (or still starting)")
+        return component
+
+    async def until_the_store_answers(
+        self, operation: Callable[[], Awaitable[T]], pause: float = 0.2
+    ) -> T:
+        """Run ``operation`` again, ``pause`` seconds of this node's clock apart, while it
+        fails with :class:`StoreUnavailableError`: what a supervisor does at start-up."""
+        while True:
+            try:
+                return await operation()
+            except StoreUnavailableError:
+                await self.clock.sleep(pause)
+
     def spawn(self, coro: Coroutine[Any, Any, T], name: str | None = None) -> asyncio.Task[T]:
         """Run ``coro`` as a task of this node (a crash cancels it)."""
         return self.world.loop.create_task(coro, name=name, context=self.context.copy())

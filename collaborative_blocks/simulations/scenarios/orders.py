@@ -580,16 +580,14 @@ class OrdersScenario(Scenario):
             step_timeout=STEP_TIMEOUT,
         )
         engine = world.component("workflow_engine", engine, node)
+
         # The store may fail a write now and then: keep trying until the engine is up (a
         # run resumed before the failure is not resumed twice).
-        while True:
-            try:
-                await engine.define_workflow(order_workflow())
-                await engine.resume()
-            except StoreUnavailableError:
-                await node.clock.sleep(0.2)
-                continue
-            break
+        async def start() -> None:
+            await engine.define_workflow(order_workflow())
+            await engine.resume()
+
+        await node.until_the_store_answers(start)
         node.state["engine"] = engine
         node.spawn(self._supervise(node, engine), name="orders supervisor")
 
@@ -670,11 +668,7 @@ class OrdersScenario(Scenario):
 
     @staticmethod
     def _engine(world: World) -> WorkflowCoordinationEngine:
-        node = world.node("orders")
-        engine = node.state.get("engine")
-        if not node.up or not isinstance(engine, WorkflowCoordinationEngine):
-            raise NodeDownError("the orders node is down (or still starting)")
-        return engine
+        return world.node("orders").running("engine", WorkflowCoordinationEngine)
 
     # -- clients -------------------------------------------------------------------------------
 

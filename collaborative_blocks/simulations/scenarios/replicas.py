@@ -20,6 +20,7 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -87,22 +88,14 @@ class ReplicasScenario(Scenario):
         for system, dependencies in TOPOLOGY:
             # Registration reads the log; the store may refuse a read now and then. A failed
             # registration registers nothing: try it again, as a supervisor would.
-            while True:
-                try:
-                    await engine.register_system(system, dependencies)
-                except StoreUnavailableError:
-                    await node.clock.sleep(0.2)
-                    continue
-                break
+            await node.until_the_store_answers(
+                functools.partial(engine.register_system, system, dependencies)
+            )
         node.state["engine"] = engine
 
     @staticmethod
     def _engine(world: World) -> RealTimeSyncEngine:
-        node = world.node("sync")
-        engine = node.state.get("engine")
-        if not node.up or not isinstance(engine, RealTimeSyncEngine):
-            raise NodeDownError("the sync node is down")
-        return engine
+        return world.node("sync").running("engine", RealTimeSyncEngine)
 
     async def workload(self, world: World, phase: Phase) -> None:
         if phase is not Phase.SAFETY:
